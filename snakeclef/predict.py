@@ -1,0 +1,431 @@
+"""Offline prediction: one ``class_id`` per observation, from image files through the classifier.
+
+This is what a competitor runs on the hidden test set, so it works in one
+process with no network: no Spark, no DataLoader worker processes and no
+hub calls. Images go through the same decode, preprocess and feature
+extraction as the embedding stage (:class:`snakeclef.features.FeatureExtractor`),
+so training and prediction see identical pixels.
+
+Per image the classifier gives log-probabilities over the label map. Per
+observation the images are combined by ``aggregate``:
+
+- ``mode``: each image gets a class by ``decision``, and the most frequent
+  class wins. A tie goes to the class of the first image (metadata order)
+  among the tied classes.
+- ``mean``: the class probabilities are averaged over the images, and
+  ``decision`` picks the class from the mean.
+
+``decision`` is ``argmax`` (the most probable class) or ``min-cost``: the
+class with the lowest expected SnakeCLEF cost given the class probabilities
+and which classes are venomous.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+AGGREGATES = ("mode", "mean")
+DECISIONS = ("argmax", "min-cost")
+
+# SnakeCLEF cost of a wrong prediction, keyed by (true class is venomous, predicted class is venomous).
+# A correct prediction costs 0.
+MISTAKE_COSTS = {
+    (False, False): 1.0,
+    (False, True): 2.0,
+    (True, False): 5.0,
+    (True, True): 2.0,
+}
+
+SUBMISSION_COLUMNS = ("observation_id", "class_id")
+
+
+def check_choice(option: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Invalid {option}={value!r}: expected one of {', '.join(map(repr, allowed))}.")
+
+
+def make_cost_matrix(venomous: Sequence[bool] | np.ndarray) -> np.ndarray:
+    """Build the SnakeCLEF cost matrix ``cost[true, predicted]``, shape (n_classes, n_classes).
+
+    ``venomous`` is one flag per class in label-map order.
+    """
+    venomous = np.asarray(venomous, dtype=bool)
+    true_venomous = venomous[:, None]
+    predicted_venomous = venomous[None, :]
+    cost = np.where(
+        true_venomous,
+        np.where(predicted_venomous, MISTAKE_COSTS[True, True], MISTAKE_COSTS[True, False]),
+        np.where(predicted_venomous, MISTAKE_COSTS[False, True], MISTAKE_COSTS[False, False]),
+    ).astype(np.float64)
+    np.fill_diagonal(cost, 0.0)
+    return cost
+
+
+def decide(probs: np.ndarray, *, decision: str = "argmax", cost_matrix: np.ndarray | None = None) -> np.ndarray:
+    """Pick one class index per row of ``probs`` (n, n_classes); returns (n,) int64.
+
+    ``min-cost`` picks ``argmin_c sum_t probs[t] * cost_matrix[t, c]``; ties go
+    to the lower class index, as with ``argmax``.
+    """
+    check_choice("decision", decision, DECISIONS)
+    probs = np.atleast_2d(np.asarray(probs, dtype=np.float64))
+    if decision == "argmax":
+        return probs.argmax(axis=1)
+
+    if cost_matrix is None:
+        raise ValueError("decision='min-cost' needs a cost matrix: pass a venomous status list (--venomous-list).")
+    if cost_matrix.shape != (probs.shape[1], probs.shape[1]):
+        raise ValueError(
+            f"Cost matrix of shape {cost_matrix.shape} does not match {probs.shape[1]} classes: "
+            "build it from the venomous flags of the same label map."
+        )
+    expected_cost = probs @ cost_matrix
+    return expected_cost.argmin(axis=1)
+
+
+def mode_first_tiebreak(class_indices: Sequence[int]) -> int:
+    """Return the most frequent value; among tied values, the one that occurs first."""
+    if len(class_indices) == 0:
+        raise ValueError("Cannot take the mode of an empty list of predictions.")
+    counts: dict[int, int] = {}
+    for index in class_indices:
+        counts[int(index)] = counts.get(int(index), 0) + 1
+    top = max(counts.values())
+    # dicts keep insertion order, so the first key with the top count is the earliest image's class.
+    return next(index for index, count in counts.items() if count == top)
+
+
+def aggregate_observation(
+    log_probs: np.ndarray,
+    *,
+    aggregate: str = "mode",
+    decision: str = "argmax",
+    cost_matrix: np.ndarray | None = None,
+) -> int:
+    """Pick one class index for an observation from its images' log-probabilities (n_images, n_classes)."""
+    check_choice("aggregate", aggregate, AGGREGATES)
+    probs = np.exp(np.asarray(log_probs, dtype=np.float64))
+    if probs.ndim != 2 or probs.shape[0] == 0:
+        raise ValueError(f"Expected log-probabilities of shape (n_images >= 1, n_classes), got {probs.shape}.")
+
+    if aggregate == "mode":
+        per_image = decide(probs, decision=decision, cost_matrix=cost_matrix)
+        return mode_first_tiebreak(per_image.tolist())
+    mean_probs = probs.mean(axis=0, keepdims=True)
+    return int(decide(mean_probs, decision=decision, cost_matrix=cost_matrix)[0])
+
+
+def normalise_prior(class_prior: Sequence[float] | np.ndarray | None, n_classes: int) -> np.ndarray:
+    """Turn class counts or frequencies into probabilities, shape (n_classes,); uniform when missing."""
+    if class_prior is None:
+        logger.warning("The model folder has no class prior: observations without a readable image get a uniform prior.")
+        return np.full(n_classes, 1.0 / n_classes)
+    prior = np.asarray(class_prior, dtype=np.float64)
+    if prior.shape != (n_classes,) or (prior < 0).any() or prior.sum() <= 0:
+        raise ValueError(
+            f"Invalid class prior of shape {prior.shape} (sum {prior.sum():.3g}): expected {n_classes} "
+            "non-negative counts or frequencies in label-map order."
+        )
+    return prior / prior.sum()
+
+
+def read_venomous_flags(path: str | os.PathLike, class_ids: Sequence[int]) -> np.ndarray:
+    """Read a venomous status CSV and return one flag per class in ``class_ids`` order.
+
+    The CSV has a ``class_id`` column and either ``MIVS`` (the official SnakeCLEF
+    list, 1 = medically important venomous species) or ``venomous`` (0/1).
+    """
+    table = pd.read_csv(path, encoding="utf-8-sig")
+    flag_column = next((name for name in ("MIVS", "venomous") if name in table.columns), None)
+    if "class_id" not in table.columns or flag_column is None:
+        raise ValueError(
+            f"Venomous status list {str(path)!r} has columns {list(table.columns)}: expected 'class_id' and "
+            "either 'MIVS' or 'venomous' (0/1)."
+        )
+
+    flags = dict(zip(table["class_id"].astype(int), table[flag_column].astype(int) != 0))
+    missing = [class_id for class_id in class_ids if int(class_id) not in flags]
+    if missing:
+        raise ValueError(
+            f"Venomous status list {str(path)!r} has no entry for {len(missing)} class_id(s) of the model, "
+            f"e.g. {missing[:5]}: use a list that covers every class in the model's label map."
+        )
+    return np.array([flags[int(class_id)] for class_id in class_ids], dtype=bool)
+
+
+def read_prediction_metadata(path: str | os.PathLike, *, split: str | None = None) -> pd.DataFrame:
+    """Read a test metadata CSV into ``observation_id`` (int64) and ``image_path`` rows, in file order.
+
+    Without an ``observation_id`` column (a folder index such as ph-snakes),
+    each row is its own observation, numbered by its 0-based position in the
+    file as the ingest stage numbers it. ``split`` keeps only rows of that
+    split and is applied after the numbering.
+    """
+    table = pd.read_csv(path, encoding="utf-8-sig", dtype={"image_path": str}, keep_default_na=False)
+    if "image_path" not in table.columns:
+        raise ValueError(
+            f"Metadata {str(path)!r} has no 'image_path' column (columns: {list(table.columns)}): "
+            "expected 'observation_id' and 'image_path', relative to the images root."
+        )
+    if "observation_id" not in table.columns:
+        logger.info("Metadata %s has no observation_id column: each row is its own observation, numbered by row.", path)
+        table["observation_id"] = np.arange(len(table), dtype=np.int64)
+
+    observation_ids = pd.to_numeric(table["observation_id"], errors="coerce")
+    bad_rows = table.index[observation_ids.isna() | (observation_ids % 1 != 0)].tolist()
+    if bad_rows:
+        raise ValueError(
+            f"Metadata {str(path)!r} has a non-integer observation_id in {len(bad_rows)} row(s), first at data row "
+            f"{bad_rows[0] + 1}: {table['observation_id'].iloc[bad_rows[0]]!r}. Fix those rows."
+        )
+    table["observation_id"] = observation_ids.astype(np.int64)
+
+    if split is not None:
+        if "split" not in table.columns:
+            raise ValueError(f"split={split!r} was given but metadata {str(path)!r} has no 'split' column.")
+        table = table[table["split"] == split]
+        if table.empty:
+            raise ValueError(f"Metadata {str(path)!r} has no rows with split={split!r}.")
+    return table[["observation_id", "image_path"]].reset_index(drop=True)
+
+
+def group_observations(observation_ids: Sequence[int]) -> dict[int, list[int]]:
+    """Map each observation_id to its row positions; keys in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for position, observation_id in enumerate(observation_ids):
+        groups.setdefault(int(observation_id), []).append(position)
+    return groups
+
+
+def decide_observations(
+    observation_ids: Sequence[int],
+    log_probs: np.ndarray,
+    failed: Sequence[bool],
+    *,
+    class_ids: Sequence[int],
+    class_prior: np.ndarray,
+    aggregate: str = "mode",
+    decision: str = "argmax",
+    cost_matrix: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Return one ``observation_id, class_id`` row per observation, in order of first appearance.
+
+    ``log_probs`` is (n_images, n_classes) in row order; rows flagged in
+    ``failed`` are ignored. An observation with no usable image gets the
+    class that ``decision`` picks from ``class_prior``.
+    """
+    check_choice("aggregate", aggregate, AGGREGATES)
+    check_choice("decision", decision, DECISIONS)
+    failed = np.asarray(failed, dtype=bool)
+    prior_choice = int(decide(class_prior[None, :], decision=decision, cost_matrix=cost_matrix)[0])
+
+    rows = []
+    for observation_id, positions in group_observations(observation_ids).items():
+        usable = [position for position in positions if not failed[position]]
+        if usable:
+            index = aggregate_observation(log_probs[usable], aggregate=aggregate, decision=decision, cost_matrix=cost_matrix)
+        else:
+            logger.warning(
+                "Observation %d has no readable image (%d image(s) failed): predicting class_id %d from the class prior.",
+                observation_id, len(positions), class_ids[prior_choice],
+            )
+            index = prior_choice
+        rows.append((observation_id, int(class_ids[index])))
+    return pd.DataFrame(rows, columns=list(SUBMISSION_COLUMNS)).astype({"observation_id": np.int64, "class_id": np.int64})
+
+
+def write_submission(submission: pd.DataFrame, output_csv: str | os.PathLike) -> None:
+    """Write ``observation_id,class_id`` rows so that the file appears whole or not at all."""
+    from snakeclef.storage import atomic_path
+
+    with atomic_path(output_csv) as tmp:
+        submission.to_csv(tmp, columns=list(SUBMISSION_COLUMNS), index=False)
+
+
+def read_image_file(images_root: Path, image_path: str) -> tuple[bytes | None, str | None]:
+    """Return the file's bytes, or None and the reason it could not be read."""
+    try:
+        return (images_root / image_path).read_bytes(), None
+    except OSError as error:
+        return None, f"cannot read image file: {type(error).__name__}: {error.strerror or error}"
+
+
+def resolve_backbone(model_dir: str | os.PathLike, recorded_backbone: str | None, backbone: str | os.PathLike | None) -> str:
+    """Choose the backbone: the explicit one, else a ``backbone/`` folder inside the model folder, else the recorded one."""
+    if backbone is not None:
+        return str(backbone)
+    bundled = Path(model_dir) / "backbone"
+    if (bundled / "config.json").is_file():
+        return str(bundled)
+    if not recorded_backbone:
+        raise ValueError(f"Model folder {str(model_dir)!r} records no backbone: pass backbone= (--backbone) explicitly.")
+    return str(recorded_backbone)
+
+
+def read_image_batch(images_root: Path, image_paths: Sequence[str]) -> list[tuple[bytes | None, str | None]]:
+    return [read_image_file(images_root, image_path) for image_path in image_paths]
+
+
+def predict_log_probs(
+    image_paths: Sequence[str],
+    images_root: str | os.PathLike,
+    *,
+    extractor,
+    classifier,
+    batch_size: int = 32,
+    progress=None,
+) -> tuple[np.ndarray, list[str | None]]:
+    """Run image files through the backbone and classifier, one batch in memory at a time.
+
+    Returns log-probabilities (n_images, n_classes) float32, with rows of
+    failed images left as NaN, and one error message (or None) per image.
+    A background thread reads the next batch's files while the current one
+    is embedded; everything stays in this process.
+    """
+    images_root = Path(images_root)
+    n_classes = len(class_ids_of(classifier))
+    log_probs = np.full((len(image_paths), n_classes), np.nan, dtype=np.float32)
+    errors: list[str | None] = [None] * len(image_paths)
+    starts = list(range(0, len(image_paths), batch_size))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-images") as reader:
+        pending = reader.submit(read_image_batch, images_root, image_paths[:batch_size]) if starts else None
+        for start in starts:
+            files = pending.result()
+            next_start = start + batch_size
+            if next_start < len(image_paths):
+                pending = reader.submit(read_image_batch, images_root, image_paths[next_start:next_start + batch_size])
+
+            for offset, (_, error) in enumerate(files):
+                errors[start + offset] = error
+            positions = [start + offset for offset, (data, _) in enumerate(files) if data is not None]
+            if positions:
+                batch_log_probs, batch_errors = classify_images(
+                    [files[p - start][0] for p in positions], extractor=extractor, classifier=classifier
+                )
+                log_probs[positions] = batch_log_probs
+                for position, error in zip(positions, batch_errors):
+                    errors[position] = error
+            if progress is not None:
+                progress.update(len(files))
+    return log_probs, errors
+
+
+def classify_images(images: Sequence[bytes], *, extractor, classifier) -> tuple[np.ndarray, list[str | None]]:
+    """Embed encoded images and classify them: log-probabilities (n, n_classes), NaN rows where an image failed."""
+    import torch
+
+    batch = extractor.embed(list(images))
+    features = np.asarray(getattr(batch, classifier.feature), dtype=np.float32)
+    log_probs = np.full((len(images), len(class_ids_of(classifier))), np.nan, dtype=np.float32)
+    ok = [i for i, error in enumerate(batch.errors) if error is None]
+    if ok:
+        with torch.inference_mode():
+            scores = classifier.log_probs(torch.from_numpy(features[ok]))
+        log_probs[ok] = scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    return log_probs, list(batch.errors)
+
+
+def class_ids_of(classifier) -> list[int]:
+    label_map = classifier.label_map
+    class_ids = getattr(label_map, "class_ids", label_map)
+    return [int(class_id) for class_id in class_ids]
+
+
+def predict_submission(
+    metadata_csv: str | os.PathLike,
+    images_root: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    output_csv: str | os.PathLike,
+    *,
+    aggregate: str = "mode",
+    decision: str = "argmax",
+    venomous_list: str | os.PathLike | None = None,
+    backbone: str | os.PathLike | None = None,
+    split: str | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Predict one ``class_id`` per observation of ``metadata_csv`` and write ``output_csv``.
+
+    ``model_dir`` is a model folder from the training stage or an exported
+    submission folder. ``backbone=None`` uses the folder's bundled
+    ``backbone/`` when present, else the backbone recorded at training.
+    Returns a summary: observations, images, failures, seconds, images_per_s.
+    """
+    check_choice("aggregate", aggregate, AGGREGATES)
+    check_choice("decision", decision, DECISIONS)
+    if decision == "min-cost" and venomous_list is None:
+        raise ValueError("decision='min-cost' needs venomous_list= (--venomous-list): a CSV of class_id and MIVS or venomous.")
+    # The competition sandbox has no network: never let transformers or the hub client try.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    from tqdm.auto import tqdm
+
+    from snakeclef.features import FeatureExtractor
+    from snakeclef.models.classifier import load_classifier
+
+    started = time.perf_counter()
+    metadata = read_prediction_metadata(metadata_csv, split=split)
+    classifier = load_classifier(model_dir)
+    class_ids = class_ids_of(classifier)
+    cost_matrix = make_cost_matrix(read_venomous_flags(venomous_list, class_ids)) if venomous_list is not None else None
+    class_prior = normalise_prior(getattr(classifier, "class_prior", None), len(class_ids))
+
+    backbone = resolve_backbone(model_dir, getattr(classifier, "backbone", None), backbone)
+    dct_k = int(getattr(classifier, "info", {}).get("dct_k", 8))
+    extractor = FeatureExtractor(backbone, device=device, precision=precision, dct_k=dct_k, batch_size=batch_size)
+    logger.info(
+        "Predicting %d images of %d observations with backbone %s, feature %s, aggregate=%s, decision=%s.",
+        len(metadata), metadata["observation_id"].nunique(), backbone, classifier.feature, aggregate, decision,
+    )
+
+    forward_started = time.perf_counter()
+    with tqdm(total=len(metadata), unit="img", desc="predict", disable=not progress) as bar:
+        log_probs, errors = predict_log_probs(
+            metadata["image_path"].tolist(), images_root,
+            extractor=extractor, classifier=classifier, batch_size=batch_size, progress=bar,
+        )
+    forward_seconds = time.perf_counter() - forward_started
+    for image_path, error in zip(metadata["image_path"], errors):
+        if error is not None:
+            logger.warning("Image %s failed: %s", image_path, error)
+
+    submission = decide_observations(
+        metadata["observation_id"].tolist(), log_probs, [error is not None for error in errors],
+        class_ids=class_ids, class_prior=class_prior, aggregate=aggregate, decision=decision, cost_matrix=cost_matrix,
+    )
+    write_submission(submission, output_csv)
+
+    failed = np.array([error is not None for error in errors], dtype=bool)
+    failed_observations = int(
+        pd.Series(failed).groupby(metadata["observation_id"].to_numpy()).all().sum()
+    ) if len(metadata) else 0
+    seconds = time.perf_counter() - started
+    summary = {
+        "observations": len(submission),
+        "images": len(metadata),
+        "failures": int(failed.sum()),
+        "failed_observations": failed_observations,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(metadata) / forward_seconds, 2) if forward_seconds > 0 else None,
+        "aggregate": aggregate,
+        "decision": decision,
+        "backbone": backbone,
+        "output": str(output_csv),
+    }
+    logger.info("Prediction summary: %s", summary)
+    return summary
