@@ -22,6 +22,8 @@ and which classes are venomous.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import time
@@ -47,6 +49,8 @@ MISTAKE_COSTS = {
 }
 
 SUBMISSION_COLUMNS = ("observation_id", "class_id")
+# Batches handed to the feature extractor per call: it decodes the next batch while the backbone runs.
+CHUNK_BATCHES = 8
 
 
 def check_choice(option: str, value: str, allowed: Sequence[str]) -> None:
@@ -296,25 +300,27 @@ def predict_log_probs(
     n_classes = len(class_ids_of(classifier))
     log_probs = np.full((len(image_paths), n_classes), np.nan, dtype=np.float32)
     errors: list[str | None] = [None] * len(image_paths)
-    starts = list(range(0, len(image_paths), batch_size))
+    # Several batches per call let the extractor decode the next batch while the backbone runs.
+    chunk_size = batch_size * CHUNK_BATCHES
+    starts = list(range(0, len(image_paths), chunk_size))
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-images") as reader:
-        pending = reader.submit(read_image_batch, images_root, image_paths[:batch_size]) if starts else None
+        pending = reader.submit(read_image_batch, images_root, image_paths[:chunk_size]) if starts else None
         for start in starts:
             files = pending.result()
-            next_start = start + batch_size
+            next_start = start + chunk_size
             if next_start < len(image_paths):
-                pending = reader.submit(read_image_batch, images_root, image_paths[next_start:next_start + batch_size])
+                pending = reader.submit(read_image_batch, images_root, image_paths[next_start:next_start + chunk_size])
 
             for offset, (_, error) in enumerate(files):
                 errors[start + offset] = error
             positions = [start + offset for offset, (data, _) in enumerate(files) if data is not None]
             if positions:
-                batch_log_probs, batch_errors = classify_images(
+                chunk_log_probs, chunk_errors = classify_images(
                     [files[p - start][0] for p in positions], extractor=extractor, classifier=classifier
                 )
-                log_probs[positions] = batch_log_probs
-                for position, error in zip(positions, batch_errors):
+                log_probs[positions] = chunk_log_probs
+                for position, error in zip(positions, chunk_errors):
                     errors[position] = error
             if progress is not None:
                 progress.update(len(files))
@@ -323,16 +329,12 @@ def predict_log_probs(
 
 def classify_images(images: Sequence[bytes], *, extractor, classifier) -> tuple[np.ndarray, list[str | None]]:
     """Embed encoded images and classify them: log-probabilities (n, n_classes), NaN rows where an image failed."""
-    import torch
-
     batch = extractor.embed(list(images))
     features = np.asarray(getattr(batch, classifier.feature), dtype=np.float32)
     log_probs = np.full((len(images), len(class_ids_of(classifier))), np.nan, dtype=np.float32)
     ok = [i for i, error in enumerate(batch.errors) if error is None]
     if ok:
-        with torch.inference_mode():
-            scores = classifier.log_probs(torch.from_numpy(features[ok]))
-        log_probs[ok] = scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+        log_probs[ok] = classifier.log_probs(features[ok])
     return log_probs, list(batch.errors)
 
 
@@ -429,3 +431,59 @@ def predict_submission(
     }
     logger.info("Prediction summary: %s", summary)
     return summary
+
+
+# Written by the export command into a submission folder; its values become the CLI defaults there.
+EXPORT_SETTINGS = "export.json"
+
+
+def read_export_settings(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / EXPORT_SETTINGS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def make_parser(default_model_dir: str | os.PathLike | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Write submission.csv (observation_id,class_id) offline, one row per observation.")
+    parser.add_argument("--metadata", required=True, help="test metadata CSV with observation_id and image_path columns")
+    parser.add_argument("--images-root", required=True, help="folder that image_path values are relative to")
+    parser.add_argument(
+        "--model-dir", default=default_model_dir, required=default_model_dir is None,
+        help="model folder from training, or an exported submission folder" + (f" (default: {default_model_dir})" if default_model_dir else ""),
+    )
+    parser.add_argument("--output", default="submission.csv", help="CSV to write (default: submission.csv)")
+    parser.add_argument("--aggregate", choices=AGGREGATES, default=None, help="how an observation's images are combined (default: mode)")
+    parser.add_argument("--decision", choices=DECISIONS, default=None, help="argmax, or min-cost (venom-aware; needs --venomous-list) (default: argmax)")
+    parser.add_argument("--venomous-list", default=None, help="CSV of class_id and MIVS or venomous (0/1)")
+    parser.add_argument("--backbone", default=None, help="backbone folder or name (default: the model folder's backbone/, else the one recorded at training)")
+    parser.add_argument("--split", default=None, help="keep only metadata rows of this split")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, default_model_dir: str | os.PathLike | None = None) -> dict:
+    """Run the submission command line; prints the summary as one JSON line."""
+    args = make_parser(default_model_dir).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    # Options not given on the command line fall back to the choices saved by the export command.
+    settings = read_export_settings(args.model_dir)
+    venomous_list = args.venomous_list
+    if venomous_list is None and settings.get("venomous_list"):
+        venomous_list = str(Path(args.model_dir) / settings["venomous_list"])
+
+    summary = predict_submission(
+        args.metadata, args.images_root, args.model_dir, args.output,
+        aggregate=args.aggregate or settings.get("aggregate", "mode"),
+        decision=args.decision or settings.get("decision", "argmax"),
+        venomous_list=venomous_list, backbone=args.backbone, split=args.split,
+        batch_size=args.batch_size, device=args.device, precision=args.precision, progress=not args.no_progress,
+    )
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
