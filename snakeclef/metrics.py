@@ -58,7 +58,7 @@ def read_venomous_class_ids(path: str | os.PathLike) -> set[int]:
             "or a CSV with those columns."
         )
 
-    class_ids = _integer_column(table["class_id"], what=f"`class_id` in {str(path)!r}")
+    class_ids = _integer_column(table["class_id"], label=f"`class_id` in {str(path)!r}")
     flags = pd.to_numeric(table[flag_column], errors="coerce")
     invalid = ~flags.isin([0, 1])
     if invalid.any():
@@ -192,8 +192,8 @@ def reduce_ground_truth(ground_truth: pd.DataFrame) -> pd.DataFrame:
 
     truth = pd.DataFrame(
         {
-            "observation_id": _integer_column(ground_truth["observation_id"], what="ground-truth `observation_id`"),
-            "class_id": _integer_column(ground_truth["class_id"], what="ground-truth `class_id`"),
+            "observation_id": _integer_column(ground_truth["observation_id"], label="ground-truth `observation_id`"),
+            "class_id": _integer_column(ground_truth["class_id"], label="ground-truth `class_id`"),
         }
     ).drop_duplicates()
 
@@ -211,8 +211,8 @@ def check_submission(submission: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFr
     _require_columns(submission, "Submission")
     predictions = pd.DataFrame(
         {
-            "observation_id": _integer_column(submission["observation_id"], what="submission `observation_id`"),
-            "class_id": _integer_column(submission["class_id"], what="submission `class_id`"),
+            "observation_id": _integer_column(submission["observation_id"], label="submission `observation_id`"),
+            "class_id": _integer_column(submission["class_id"], label="submission `class_id`"),
         }
     )
 
@@ -246,7 +246,7 @@ def _require_columns(table: pd.DataFrame, name: str) -> None:
         )
 
 
-def _integer_column(values: pd.Series, *, what: str) -> np.ndarray:
+def _integer_column(values: pd.Series, *, label: str) -> np.ndarray:
     """Convert a column to int64, raising with the offending row numbers when a value is null or not an integer."""
     numbers = pd.to_numeric(values, errors="coerce")
     invalid = numbers.isna() | (numbers.notna() & (numbers != np.round(numbers)))
@@ -254,7 +254,7 @@ def _integer_column(values: pd.Series, *, what: str) -> np.ndarray:
         positions = np.flatnonzero(invalid.to_numpy())
         examples = values.iloc[positions[:MAX_LISTED_IDS]].tolist()
         raise SubmissionError(
-            f"{what} has {positions.size} value(s) that are missing or not integers, at row(s) "
+            f"{label} has {positions.size} value(s) that are missing or not integers, at row(s) "
             f"{_format_ids(positions)} (0-based): {examples}. Every row needs an integer id."
         )
     return numbers.to_numpy().astype(np.int64)
@@ -262,14 +262,14 @@ def _integer_column(values: pd.Series, *, what: str) -> np.ndarray:
 
 def _format_ids(ids: Iterable) -> str:
     ids = list(ids)
-    shown = ", ".join(str(value) for value in ids[:MAX_LISTED_IDS])
-    return shown + (f", ... ({len(ids) - MAX_LISTED_IDS} more)" if len(ids) > MAX_LISTED_IDS else "")
+    listed = ", ".join(str(value) for value in ids[:MAX_LISTED_IDS])
+    return listed + (f", ... ({len(ids) - MAX_LISTED_IDS} more)" if len(ids) > MAX_LISTED_IDS else "")
 
 
 def _percent(count: int, total: int) -> float:
     # NOTE: the organisers' code divides by zero when a set has no harmless or no
-    # venomous observation; here the rate is 0, since no error of that kind can occur
-    # except on unknown (-1) true classes.
+    # venomous observation. Here the rate is 0 instead. Only wrong predictions for
+    # unknown (-1) true classes can then still add to e00 or e01.
     if total == 0:
         return 0.0
     return _round2(count / total * 100)
