@@ -120,12 +120,12 @@ def test_min_cost_without_list_rejected(tmp_path, synthetic_dataset, model_dir):
 def test_no_socket_connection(tmp_path, synthetic_dataset, model_dir, monkeypatch):
     attempts = []
 
-    def refuse(self, address, *args, **kwargs):
+    def reject_connect(self, address, *args, **kwargs):
         attempts.append(address)
         raise OSError(f"network is disabled in this test: connect to {address}")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket.socket, "connect", reject_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", reject_connect)
     metadata_csv, _ = write_test_metadata(synthetic_dataset)
 
     summary = predict_submission(metadata_csv, synthetic_dataset, model_dir, tmp_path / "submission.csv", device="cpu", progress=False)
