@@ -24,6 +24,7 @@ def write(path, text, *, bom=False):
         ("./2023//Genus_species/1.JPG", "2023/Genus_species/1.JPG"),
         ("2023\\Genus_species\\1.jpg", "2023/Genus_species/1.jpg"),
         (" 2023/a/1.jpg ", "2023/a/1.jpg"),
+        ("/etc//x.jpg", "/etc/x.jpg"),
         ("2023/Cafe\u0301/1.jpg", "2023/Caf\u00e9/1.jpg"),
     ],
 )

@@ -23,14 +23,15 @@ MAX_EXAMPLES = 20
 
 
 def normalise_image_path(path: str) -> str:
-    """Normalise a relative image path for joining: ``/`` separators, no ``./`` or doubled ``/``, Unicode NFC.
+    """Normalise an image path for joining: ``/`` separators, no ``./`` or doubled ``/``, Unicode NFC.
 
     Letter case is kept, because the SnakeCLEF metadata names files exactly as
     they are stored (``.JPG`` and ``.jpg`` both occur).
     """
     text = unicodedata.normalize("NFC", str(path).strip()).replace("\\", "/")
     parts = [part for part in text.split("/") if part not in ("", ".")]
-    return "/".join(parts)
+    # A leading "/" stays, so that an absolute path is still rejected as unsafe later.
+    return ("/" if text.startswith("/") else "") + "/".join(parts)
 
 
 def is_unsafe_relative_path(path: str) -> bool:
