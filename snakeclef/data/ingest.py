@@ -17,8 +17,10 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
 import tarfile
+import threading
 import time
 import zlib
 from pathlib import Path, PurePosixPath
@@ -39,7 +41,8 @@ CORE_COLUMNS = ("image_path", "observation_id", "class_id", "binomial_name", "co
 STRING_COLUMNS = ("image_path", "binomial_name", "code", "split")
 REPORT_NAME = "_ingest_report.json"
 SUCCESS_NAME = "_SUCCESS"
-ROW_GROUP_BYTES = 64 * 1024 * 1024
+ROW_GROUP_BYTES = 32 * 1024 * 1024
+QUEUED_ROW_GROUPS = 2
 
 
 def ingest_folder(
@@ -116,6 +119,8 @@ class RecordWriter:
 
     A record is a position in ``metadata`` plus the image bytes. The metadata
     columns come from a pre-built Arrow table, so a flush is one ``take``.
+    A background thread writes the files while the caller reads the next
+    images. At most ``QUEUED_ROW_GROUPS`` row groups wait for it, which bounds memory.
     """
 
     def __init__(self, folder: Path, metadata: pd.DataFrame, *, rows_per_part: int, row_group_bytes: int = ROW_GROUP_BYTES):
@@ -126,58 +131,113 @@ class RecordWriter:
         self.schema = self.metadata_table.schema.append(pa.field("data", pa.binary()))
         self.parts: list[dict] = []
         self.bytes_written = 0
-        self._writer: pq.ParquetWriter | None = None
         self._part_rows = 0
-        self._positions: list[int] = []
-        self._data: list[bytes] = []
-        self._buffer_bytes = 0
+        self._part_open = False
+        self._reset_buffer()
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUED_ROW_GROUPS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write_loop, name="parquet-writer", daemon=True)
+        self._thread.start()
 
     def add(self, position: int, data: bytes) -> None:
         self._positions.append(position)
-        self._data.append(data)
-        self._buffer_bytes += len(data)
-        if self._part_rows + len(self._positions) >= self.rows_per_part or self._buffer_bytes >= self.row_group_bytes:
+        self._data += data
+        self._offsets.append(len(self._data))
+        if self._part_rows + len(self._positions) >= self.rows_per_part or len(self._data) >= self.row_group_bytes:
             self._flush()
 
     def close(self) -> None:
+        """Write what is buffered, close the last part and wait for the writer thread."""
         self._flush()
-        if self._writer is not None:
-            self._writer.close()
+        if self._part_open:
+            self._put(("close", None))
         if not self.parts:
             # An empty part keeps the schema readable by Spark and pandas.
             self._open_part()
-            self._writer.close()
-        self._writer = None
+            self._put(("close", None))
+        self._stop()
+
+    def abort(self) -> None:
+        """Stop the writer thread without writing what is buffered (the caller discards the folder)."""
+        try:
+            self._stop()
+        except Exception:
+            logger.debug("Parquet writer failed while aborting", exc_info=True)
+
+    def _reset_buffer(self) -> None:
+        self._positions: list[int] = []
+        self._data = bytearray()
+        self._offsets = [0]
 
     def _flush(self) -> None:
         if not self._positions:
             return
-        if self._writer is None:
+        if not self._part_open:
             self._open_part()
+        # The binary column wraps the buffer as it is: offsets plus one contiguous byte buffer, no copy per image.
+        offsets = pa.py_buffer(np.asarray(self._offsets, dtype=np.int32))
+        data = pa.Array.from_buffers(pa.binary(), len(self._positions), [None, offsets, pa.py_buffer(self._data)])
         table = self.metadata_table.take(pa.array(self._positions, pa.int64()))
-        table = table.append_column(self.schema.field("data"), pa.array(self._data, pa.binary()))
-        self._writer.write_table(table)
+        table = table.append_column(self.schema.field("data"), data)
+        self._put(("write", table))
+
         self._part_rows += table.num_rows
         self.parts[-1]["rows"] = self._part_rows
-        self.bytes_written += self._buffer_bytes
-        self._positions, self._data, self._buffer_bytes = [], [], 0
+        self.bytes_written += len(self._data)
+        self._reset_buffer()
         if self._part_rows >= self.rows_per_part:
-            self._writer.close()
-            self._writer = None
+            self._put(("close", None))
+            self._part_open = False
 
     def _open_part(self) -> None:
         name = f"part-{len(self.parts):05d}.parquet"
-        columns = [name for name in self.schema.names if name != "data"]
-        self._writer = pq.ParquetWriter(
-            self.folder / name,
-            self.schema,
-            # Image bytes are already compressed (JPEG, PNG): compressing them again only costs time.
-            compression={column: "snappy" for column in columns} | {"data": "none"},
-            use_dictionary=columns,
-            write_statistics=columns,
-        )
+        self._put(("open", self.folder / name))
         self.parts.append({"file": name, "rows": 0})
         self._part_rows = 0
+        self._part_open = True
+
+    def _put(self, command) -> None:
+        while True:
+            if self._error is not None:
+                raise RuntimeError(f"writing Parquet under {self.folder} failed: {self._error}") from self._error
+            try:
+                self._queue.put(command, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"writing Parquet under {self.folder} failed: {self._error}") from self._error
+
+    def _write_loop(self) -> None:
+        columns = [name for name in self.schema.names if name != "data"]
+        writer = None
+        try:
+            while (command := self._queue.get()) is not None:
+                kind, value = command
+                if kind == "open":
+                    writer = pq.ParquetWriter(
+                        value,
+                        self.schema,
+                        # Image bytes are already compressed (JPEG, PNG), so compressing them again only costs time.
+                        compression={column: "snappy" for column in columns} | {"data": "none"},
+                        use_dictionary=columns,
+                        write_statistics=columns,
+                    )
+                elif kind == "write":
+                    writer.write_table(value)
+                else:
+                    writer.close()
+                    writer = None
+        except BaseException as error:
+            self._error = error
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 def _metadata_table(metadata: pd.DataFrame) -> pa.Table:
@@ -236,7 +296,11 @@ def _publish(output_dir, metadata: pd.DataFrame, source: dict, partitions: int, 
     with storage.atomic_path(output_dir) as tmp:
         tmp.mkdir()
         writer = RecordWriter(tmp, metadata, rows_per_part=rows_per_part)
-        read(writer, report)
+        try:
+            read(writer, report)
+        except BaseException:
+            writer.abort()
+            raise
         writer.close()
         if report.counts["rows_written"] == 0:
             raise ValueError(f"ingest found no image with metadata in {_describe(source)}; nothing was written. Counts: {report.counts}")
