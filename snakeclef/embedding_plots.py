@@ -125,6 +125,8 @@ def read_embeddings(embeddings_path: str | os.PathLike) -> tuple[pd.DataFrame, i
     if not path.exists():
         raise FileNotFoundError(f"Embeddings not found: {str(path)!r}. Run the embedding stage first or check the path.")
     dataset = ds.dataset(path, format="parquet")  # Skips files starting with "_" or ".", such as _SUCCESS.
+    if not dataset.files:
+        raise ValueError(f"Embeddings folder {str(path)!r} contains no Parquet files. Run the embedding stage first.")
     missing = [name for name in ("class_id", *FEATURES) if name not in dataset.schema.names]
     if missing:
         raise ValueError(

@@ -115,6 +115,13 @@ def test_read_embeddings_not_found(tmp_path):
         read_embeddings(tmp_path / "nowhere")
 
 
+def test_read_embeddings_empty_folder(tmp_path):
+    (tmp_path / "_SUCCESS").write_text("")
+
+    with pytest.raises(ValueError, match="contains no Parquet files"):
+        read_embeddings(tmp_path)
+
+
 def test_knn_accuracy_separated_clusters():
     rng = np.random.default_rng(0)
     features = np.concatenate([rng.normal(size=(20, 3)), rng.normal(loc=50.0, size=(20, 3))])

@@ -121,6 +121,15 @@ def test_report_empty_submission_file(inputs, tmp_path):
         write_evaluation(submission, ground_truth, venomous, output_dir=tmp_path / "report")
 
 
+def test_report_submission_with_bom(inputs, tmp_path):
+    submission, ground_truth, venomous = inputs
+    submission.write_text("\ufeff" + SUBMISSION.to_csv(index=False), encoding="utf-8")
+
+    report = write_evaluation(submission, ground_truth, venomous, output_dir=tmp_path / "report")
+
+    assert report["n_observations"] == 6
+
+
 def test_report_missing_file(inputs, tmp_path):
     _, ground_truth, venomous = inputs
 
