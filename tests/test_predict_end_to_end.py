@@ -156,3 +156,10 @@ def test_folder_index_without_ids(tmp_path, synthetic_dataset, model_dir):
     index = pd.read_csv(synthetic_dataset / "index.csv")
     assert pd.read_csv(output)["observation_id"].tolist() == index.index[index["split"] == "val"].tolist()
     assert summary["failures"] == 0
+
+
+def test_missing_images_root_rejected(tmp_path, synthetic_dataset, model_dir):
+    metadata_csv, _ = write_test_metadata(synthetic_dataset)
+    with pytest.raises(FileNotFoundError, match="Images root .*nowhere' is not a folder"):
+        predict_submission(metadata_csv, tmp_path / "nowhere", model_dir, tmp_path / "submission.csv")
+    assert not (tmp_path / "submission.csv").exists()
