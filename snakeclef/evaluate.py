@@ -83,10 +83,7 @@ def write_evaluation(
 
     plot_path = plots_dir / CONFUSION_MATRIX_PLOT
     figure = plot_confusion_matrix(true_class_ids, predicted_class_ids, species_names, venomous_class_ids, top_species=top_species)
-    figure.suptitle(f"F1 {metrics['f1']:.2f}   accuracy {metrics['accuracy']:.2f}   Track 1 {metrics['track1']:.2f}   Track 2 {metrics['track2']}")
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(plot_path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _save_png(figure, plot_path, title=_metrics_title(metrics))
 
     report = {
         **metrics,
@@ -221,6 +218,17 @@ def top_species_confusion(true_class_ids: np.ndarray, predicted_class_ids: np.nd
 def _species_label(class_id: int, species_names: dict[int, str], venomous_class_ids: set[int]) -> str:
     name = species_names.get(class_id, "class")
     return f"{name} ({class_id})" + (" [V]" if class_id in venomous_class_ids else "")
+
+
+def _metrics_title(metrics: dict) -> str:
+    return f"F1 {metrics['f1']:.2f}   accuracy {metrics['accuracy']:.2f}   Track 1 {metrics['track1']:.2f}   Track 2 {metrics['track2']}"
+
+
+def _save_png(figure: Figure, path: Path, *, title: str) -> None:
+    figure.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
 def _relative_to(path: Path, folder: Path) -> str:
