@@ -225,7 +225,8 @@ def _metrics_title(metrics: dict) -> str:
 
 
 def _save_png(figure: Figure, path: Path, *, title: str) -> None:
-    figure.suptitle(title)
+    axes = figure.axes[0]
+    axes.set_title(f"{title}\n{axes.get_title()}", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
