@@ -80,6 +80,12 @@ def get_spark(master: str | None = None, settings: Mapping[str, str] | None = No
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
+    if master.startswith("local"):
+        # Embedded Spark talks only to itself: keep it on loopback instead of
+        # the first network interface it finds.
+        resolved.setdefault("spark.driver.host", "127.0.0.1")
+        resolved.setdefault("spark.driver.bindAddress", "127.0.0.1")
+
     builder = SparkSession.builder.master(master).appName(app_name)
     for key, value in resolved.items():
         builder = builder.config(key, value)

@@ -197,7 +197,7 @@ class PredictParams(TrainParams):
     eval_split = luigi.Parameter(default="val", description="Value of the split column held out for prediction and scoring.")
     aggregate = luigi.ChoiceParameter(default="mode", choices=["mode", "mean"], description="How image predictions combine into one per observation.")
     decision = luigi.ChoiceParameter(default="argmax", choices=["argmax", "min-cost"], description="argmax, or the class with the lowest expected SnakeCLEF cost.")
-    venomous_list = luigi.Parameter(default="", description="CSV of class_id with MIVS or venomous (0/1); default DATASET/venomous_status.csv.")
+    venomous_list = luigi.Parameter(default="", description="CSV of class_id with MIVS or venomous (0/1); default DATASET/venomous_status.csv, else the records' venomous column.")
 
 
 def _raw_path(task: Stage, uri: str) -> Path:
@@ -352,14 +352,16 @@ class EvalSet(PredictParams, ChainedStage):
         self.publish("eval")
 
 
-def _venomous_list(task) -> str:
+def _venomous_list(task: Stage) -> str:
+    """The venomous list: --venomous-list, else DATASET/venomous_status.csv, else the flags the eval set took from the records."""
     if task.venomous_list:
         return task.venomous_list
     if task.dataset:
         default = storage.join(task.dataset, "venomous_status.csv")
         if storage.is_gcs(default) or Path(default).is_file():
             return default
-    return ""
+    from_records = task.local("eval", "venomous_status.csv")
+    return str(from_records) if from_records.is_file() else ""
 
 
 class Predict(PredictParams, ChainedStage):
@@ -374,10 +376,10 @@ class Predict(PredictParams, ChainedStage):
     def run(self):
         from snakeclef.predict import predict_submission
 
+        eval_dir = self.fetch("eval")
         venomous = _venomous_list(self)
         if self.decision == "min-cost" and not venomous:
             raise ValueError("--decision min-cost needs --venomous-list (a CSV of class_id and MIVS or venomous)")
-        eval_dir = self.fetch("eval")
         predict_submission(
             eval_dir / "metadata.csv",
             eval_dir / "images",
@@ -416,12 +418,13 @@ class Evaluate(PredictParams, ChainedStage):
     def run(self):
         from snakeclef.evaluate import write_evaluation
 
+        eval_dir = self.fetch("eval")
         venomous = _venomous_list(self)
         if not venomous:
             raise ValueError("Evaluate needs --venomous-list (a CSV of class_id and MIVS or venomous) to score venomous errors")
         write_evaluation(
             self.fetch("submission.csv"),
-            self.fetch("eval") / "ground_truth.csv",
+            eval_dir / "ground_truth.csv",
             _local_file(self, venomous),
             output_dir=self.local(),
             plots_dir=self.local("plots"),

@@ -30,12 +30,24 @@ def safe_relative_path(image_path: str) -> PurePosixPath:
     return path
 
 
+def _venomous_status(dataset: ds.Dataset):
+    """Return ``class_id, venomous`` for every labelled class of the records, or None when they carry no venomous flag."""
+    flag = next((name for name in ("venomous", "MIVS") if name in dataset.schema.names), None)
+    if flag is None or "class_id" not in dataset.schema.names:
+        return None
+    table = dataset.to_table(columns=["class_id", flag]).to_pandas().dropna()
+    table = table.astype("int64").drop_duplicates("class_id").sort_values("class_id")
+    return table.rename(columns={flag: "venomous"})
+
+
 def write_eval_set(images_path: str | Path, output_dir: str | Path, *, split: str = "val") -> dict:
     """Write ``metadata.csv``, ``ground_truth.csv`` and ``images/`` for the rows whose split is ``split``.
 
     ``metadata.csv`` has no label columns. ``ground_truth.csv`` has one row
     per image (``observation_id, class_id`` and ``binomial_name`` when known).
-    Rows keep the order of the image records. ``_SUCCESS`` is written last.
+    Rows keep the order of the image records. When the records carry a
+    venomous flag, ``venomous_status.csv`` lists it for every labelled class.
+    ``_SUCCESS`` is written last.
     """
     dataset = ds.dataset(str(images_path), format="parquet", exclude_invalid_files=True)
     names = dataset.schema.names
@@ -52,6 +64,7 @@ def write_eval_set(images_path: str | Path, output_dir: str | Path, *, split: st
     truth_columns = [name for name in ("observation_id", "class_id", "binomial_name") if name in names]
 
     with storage.atomic_path(output_dir) as tmp:
+        tmp.mkdir(parents=True)
         image_root = tmp / "images"
         with open(tmp / "metadata.csv", "w", newline="") as meta_file, open(tmp / "ground_truth.csv", "w", newline="") as truth_file:
             meta_writer = csv.writer(meta_file)
@@ -65,6 +78,9 @@ def write_eval_set(images_path: str | Path, output_dir: str | Path, *, split: st
                     target.write_bytes(row["data"])
                     meta_writer.writerow([row[name] for name in metadata_columns])
                     truth_writer.writerow([row[name] for name in truth_columns])
+        venomous = _venomous_status(dataset)
+        if venomous is not None:
+            venomous.to_csv(tmp / "venomous_status.csv", index=False)
         (tmp / "_SUCCESS").write_text("")
 
     n_observations = len(set(table.column("observation_id").to_pylist()))
