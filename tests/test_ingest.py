@@ -391,3 +391,29 @@ def test_records_readable_by_spark(spark, synthetic_dataset, tmp_path):
     assert dict(frame.dtypes)["data"] == "binary"
     assert dict(frame.dtypes)["class_id"] == "int"
     assert sorted(r.class_id for r in frame.select("class_id").distinct().collect()) == [100, 107, 114]
+
+
+def test_archive_real_metadata(snakeclef_meta, ph_snakes, tmp_path):
+    metadata_csv = snakeclef_meta / "SnakeCLEF2023-ValMetadata.csv"
+    metadata = pd.read_csv(metadata_csv)
+    chosen = metadata.head(300)
+    photos = sorted((ph_snakes / "train").rglob("*.jpg"))
+    archive = tmp_path / "SnakeCLEF2023-val.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for photo, image_path in zip(photos, chosen["image_path"]):
+            tar.add(photo, arcname=f"SnakeCLEF2023-val_images/{image_path}")
+
+    report = ingest_archives([archive], metadata_csv, tmp_path / "images")
+    records = read_records(tmp_path / "images").set_index("image_path")
+    expected = chosen.set_index("image_path")
+
+    assert report["counts"]["rows_written"] == 300
+    assert report["counts"]["metadata_rows_without_image"] == len(metadata) - 300
+    assert report["counts"]["matched_ignoring_case"] == 0
+    assert sorted(records.index) == sorted(expected.index)
+    assert any(path.endswith(".JPG") for path in records.index)
+    assert (records["observation_id"] == expected.loc[records.index, "observation_id"]).all()
+    assert (records["class_id"] == expected.loc[records.index, "class_id"]).all()
+    assert (records["split"] == "val").all()
+    assert records.groupby("observation_id").size().max() > 1
+    assert records["captive"].dtype == bool
