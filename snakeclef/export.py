@@ -91,7 +91,7 @@ def copy_package(files: list[Path], destination: Path) -> None:
         relative = path.resolve().relative_to(package_root)
         target = destination / "snakeclef" / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
+        shutil.copyfile(path, target)
 
 
 def write_requirements(modules: set[str], path: Path) -> None:
@@ -134,7 +134,7 @@ def copy_backbone(source: Path, destination: Path) -> None:
         )
     destination.mkdir(parents=True)
     for path in [*(source / name for name in BACKBONE_FILES), *weights, *sorted(source.glob("*.safetensors.index.json"))]:
-        shutil.copy2(path, destination / path.name)
+        shutil.copyfile(path, destination / path.name)
 
 
 def export_submission(
@@ -173,16 +173,16 @@ def export_submission(
         tmp.mkdir()
         for name in MODEL_FILES + OPTIONAL_MODEL_FILES:
             if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
+                shutil.copyfile(model_dir / name, tmp / name)
         copy_backbone(backbone_folder, tmp / "backbone")
         copy_package(package_files, tmp)
-        shutil.copy2(SCRIPT, tmp / "submission.py")
+        shutil.copyfile(SCRIPT, tmp / "submission.py")
         write_requirements(modules, tmp / "requirements.txt")
 
         settings = {"aggregate": aggregate, "decision": decision, "venomous_list": None,
                     "source_model_dir": str(model_dir.resolve()), "source_backbone": str(backbone_folder)}
         if venomous_list is not None:
-            shutil.copy2(venomous_list, tmp / "venomous_status.csv")
+            shutil.copyfile(venomous_list, tmp / "venomous_status.csv")
             settings["venomous_list"] = "venomous_status.csv"
         (tmp / EXPORT_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
         (tmp / "_SUCCESS").write_text("")
