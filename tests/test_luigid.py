@@ -172,17 +172,47 @@ def read_history(history_db: Path) -> dict[str, list[str]]:
     return events
 
 
-def test_ingest_under_luigid(central_scheduler, synthetic_dataset, tmp_path):
+PIPELINE_TASKS = {"Ingest", "Embed", "Umap", "Train", "EvalSet", "Predict", "Evaluate", "Pipeline"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(PIPELINE_TIMEOUT_S + 60)
+def test_pipeline_under_luigid(central_scheduler, synthetic_dataset, tiny_backbone, tmp_path):
     root = tmp_path / "run"
-    params = {"dataset": str(synthetic_dataset), "output_root": str(root), "partitions": "2"}
-    result = run_luigi(central_scheduler, "Ingest", params, tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert (root / "images" / "_SUCCESS").is_file()
+    venomous_list = tmp_path / "venomous_status.csv"
+    venomous_list.write_text("class_id,venomous\n100,0\n107,1\n114,0\n")
+    params = {
+        "dataset": str(synthetic_dataset),
+        "backbone": str(tiny_backbone),
+        "output_root": str(root),
+        "venomous_list": str(venomous_list),
+        "partitions": "2",
+        "batch_size": "4",
+        "max_epochs": "5",
+    }
+    result = run_luigi(central_scheduler, "Pipeline", params, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert (root / "metrics.json").is_file()
+    assert (root / "submission.csv").is_file()
 
+    # The scheduler's live state: every task of the chain is DONE and none failed.
     done = central_scheduler.call("task_list", status="DONE")
-    assert {task["name"] for task in done.values()} == {"Ingest"}
+    assert {task["name"] for task in done.values()} == PIPELINE_TASKS
     assert central_scheduler.call("task_list", status="FAILED") == {}
+    assert central_scheduler.call("task_list", status="PENDING") == {}
 
+    # The recorded history: each task was scheduled, ran and finished, once.
     history = read_history(central_scheduler.history_db)
-    assert history == {"Ingest": ["PENDING", "RUNNING", "DONE"]}
-    assert ">Ingest</a>" in central_scheduler.get_page("/history")
+    assert set(history) == PIPELINE_TASKS
+    for name, events in history.items():
+        assert events == ["PENDING", "RUNNING", "DONE"], name
+    page = central_scheduler.get_page("/history")
+    for name in PIPELINE_TASKS:
+        assert f">{name}</a>" in page, name
+
+    # A second run finds every output complete and runs nothing.
+    again = run_luigi(central_scheduler, "Pipeline", params, tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-6000:]
+    assert "ran successfully" not in again.stderr
+    assert "complete ones were encountered" in again.stderr
+    assert all(events.count("RUNNING") == 1 for events in read_history(central_scheduler.history_db).values())

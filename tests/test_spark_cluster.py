@@ -8,7 +8,7 @@ this file run as a script (see ``main``) with ``SNAKECLEF_SPARK_MASTER`` set.
 
 from __future__ import annotations
 
-import argparse
+import io
 import json
 import os
 import signal
@@ -19,6 +19,9 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 SPARK_STARTUP_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 240
@@ -120,8 +123,6 @@ def daemon_environment(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-import pytest  # noqa: E402
-
 
 @pytest.fixture
 def spark_cluster(tmp_path):
@@ -158,27 +159,111 @@ def spark_cluster(tmp_path):
             stop_daemon(daemon)
 
 
-def test_cluster_fixture_runs_job(spark_cluster, tmp_path):
-    output = tmp_path / "job.json"
+def write_image_records(folder: Path, *, n_files: int = 3, per_file: int = 5, size: int = 48) -> list[str]:
+    """Write image-record Parquet files of small JPEGs plus one truncated JPEG; return the image paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    image_paths = []
+    for file_index in range(n_files):
+        rows = {name: [] for name in ("image_path", "observation_id", "class_id", "binomial_name", "code", "split", "data")}
+        for row in range(per_file):
+            number = file_index * per_file + row
+            buffer = io.BytesIO()
+            pixels = rng.integers(0, 256, size=(size, size + 8 * row, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+            data = buffer.getvalue()
+            if number == 7:
+                data = data[: len(data) // 3]  # truncated: the stage must keep it as an error row
+            rows["image_path"].append(f"2023/Genus_species{number % 3}/{number}.jpg")
+            rows["observation_id"].append(number // 2)
+            rows["class_id"].append(100 + number % 3)
+            rows["binomial_name"].append(f"Genus species{number % 3}")
+            rows["code"].append("PH")
+            rows["split"].append("train" if number % 4 else "val")
+            rows["data"].append(data)
+        schema = pa.schema([
+            ("image_path", pa.string()), ("observation_id", pa.int64()), ("class_id", pa.int32()),
+            ("binomial_name", pa.string()), ("code", pa.string()), ("split", pa.string()), ("data", pa.binary()),
+        ])
+        pq.write_table(pa.table(rows, schema=schema), folder / f"part-{file_index:05d}.parquet")
+        image_paths += rows["image_path"]
+    return image_paths
+
+
+def read_embeddings(folder: Path):
+    """Read an embeddings folder into a DataFrame sorted by ``image_path``."""
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(folder, format="parquet").to_table()
+    return table.to_pandas().sort_values("image_path").reset_index(drop=True)
+
+
+EMBED_OPTIONS = {"batch_size": 4, "precision": "fp32", "device": "cpu"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_embed_cluster_matches_local(spark_cluster, spark, tiny_backbone, tmp_path):
+    from snakeclef.embed import embed_images
+
+    images = tmp_path / "images"
+    image_paths = write_image_records(images)
+    local_output = tmp_path / "embeddings-local"
+    cluster_output = tmp_path / "embeddings-cluster"
+    embed_images(spark, str(images), str(local_output), backbone=str(tiny_backbone), **EMBED_OPTIONS)
+
+    job_result = tmp_path / "cluster-job.json"
+    command = [sys.executable, __file__, str(images), str(cluster_output), str(tiny_backbone), str(job_result)]
     env = dict(os.environ, SNAKECLEF_SPARK_MASTER=spark_cluster.master_url, SPARK_LOCAL_IP="127.0.0.1")
-    completed = subprocess.run(
-        [sys.executable, __file__, "count", str(output)],
-        env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
-    )
-    assert completed.returncode == 0, completed.stderr[-5000:]
-    result = json.loads(output.read_text())
-    assert result["master"] == spark_cluster.master_url
-    assert result["count"] == 1000
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert completed.returncode == 0, completed.stderr[-6000:] + "\n" + spark_cluster.logs()
+
+    # The job ran on the cluster: its driver used the master URL, the master lists the
+    # application, and the worker started an executor for it.
+    job = json.loads(job_result.read_text())
+    assert job["master"] == spark_cluster.master_url
+    applications = [app["id"] for app in spark_cluster.status()["completedapps"] + spark_cluster.status()["activeapps"]]
+    assert job["application_id"] in applications
+    assert (spark_cluster.work_dir / job["application_id"]).is_dir()
+    assert (cluster_output / "_SUCCESS").is_file()
+
+    local = read_embeddings(local_output)
+    cluster = read_embeddings(cluster_output)
+    assert sorted(image_paths) == local["image_path"].tolist()
+    assert local["image_path"].tolist() == cluster["image_path"].tolist()
+    for column in ("observation_id", "class_id", "binomial_name", "code", "split", "error"):
+        assert local[column].tolist() == cluster[column].tolist(), column
+
+    failed = local["error"].notna()
+    assert failed.sum() == 1
+    assert local.loc[failed, "image_path"].tolist() == ["2023/Genus_species1/7.jpg"]
+    assert cluster.loc[failed, "cls"].isna().all()
+    for column in ("cls", "dct"):
+        local_values = np.stack(local.loc[~failed, column].to_numpy())
+        cluster_values = np.stack(cluster.loc[~failed, column].to_numpy())
+        np.testing.assert_allclose(cluster_values, local_values, rtol=1e-4, atol=1e-5, err_msg=column)
+
+    assert job["report"]["rows"] == len(image_paths)
+    assert job["report"]["errors"] == 1
 
 
-def run_count_job(output: Path) -> None:
+def run_cluster_job(images: str, output: str, backbone: str, result_path: str) -> None:
+    """Embed ``images`` with the master from ``SNAKECLEF_SPARK_MASTER``; write the master, application id and report."""
+    from snakeclef.embed import embed_images
     from snakeclef.spark import get_spark
 
-    spark = get_spark(settings={"spark.ui.enabled": "false"})
-    count = spark.range(1000).repartition(4).count()
-    output.write_text(json.dumps({"master": spark.sparkContext.master, "count": count, "app_id": spark.sparkContext.applicationId}))
-    spark.stop()
+    spark = get_spark(settings={"spark.ui.enabled": "false", "spark.executor.memory": "1g", "spark.driver.memory": "1g"})
+    try:
+        report = embed_images(spark, images, output, backbone=backbone, **EMBED_OPTIONS)
+        result = {"master": spark.sparkContext.master, "application_id": spark.sparkContext.applicationId, "report": report}
+        Path(result_path).write_text(json.dumps(result))
+    finally:
+        spark.stop()
 
 
 if __name__ == "__main__":
-    run_count_job(Path(sys.argv[2]))
+    run_cluster_job(*sys.argv[1:5])
