@@ -16,15 +16,16 @@ from snakeclef.predict import mode_first_tiebreak, predict_submission
 CLASS_IDS = [7, 1500, 42]
 
 
-def write_model_folder(path, backbone, *, hidden_size=32, seed=0):
-    """Write a model folder with a random linear layer over the tiny backbone's [CLS] features."""
+def write_model_folder(path, backbone, *, hidden_size=32, seed=0, feature="cls", dct_k=8):
+    """Write a model folder with a random linear layer over the tiny backbone's [CLS] or DCT features."""
     rng = np.random.default_rng(seed)
+    width = hidden_size if feature == "cls" else dct_k * dct_k
     save_model_folder(
         path,
-        weight=rng.normal(0, 1, (len(CLASS_IDS), hidden_size)).astype(np.float32),
+        weight=rng.normal(0, 1, (len(CLASS_IDS), width)).astype(np.float32),
         bias=np.zeros(len(CLASS_IDS), np.float32),
         label_map=LabelMap(CLASS_IDS),
-        info={"feature": "cls", "backbone": str(backbone), "hidden_size": hidden_size, "dct_k": 8, "class_counts": [5, 30, 10]},
+        info={"feature": feature, "backbone": str(backbone), "hidden_size": hidden_size, "dct_k": dct_k, "class_counts": [5, 30, 10]},
         metrics={},
     )
     return path
@@ -163,3 +164,17 @@ def test_missing_images_root_rejected(tmp_path, synthetic_dataset, model_dir):
     with pytest.raises(FileNotFoundError, match="Images root .*nowhere' is not a folder"):
         predict_submission(metadata_csv, tmp_path / "nowhere", model_dir, tmp_path / "submission.csv")
     assert not (tmp_path / "submission.csv").exists()
+
+
+def test_dct_model_uses_its_dct_k(tmp_path, synthetic_dataset, tiny_backbone):
+    model_dir = write_model_folder(tmp_path / "model", tiny_backbone, feature="dct", dct_k=4)
+    metadata_csv, metadata = write_test_metadata(synthetic_dataset)
+    output = tmp_path / "submission.csv"
+    predict_submission(metadata_csv, synthetic_dataset, model_dir, output, device="cpu", progress=False)
+
+    classifier = load_classifier(model_dir)
+    extractor = FeatureExtractor(tiny_backbone, device="cpu", dct_k=4)
+    batch = extractor.embed([(synthetic_dataset / metadata["image_path"][3]).read_bytes()])
+    expected = CLASS_IDS[int(classifier.log_probs(batch.dct).argmax())]
+    # Observation 5 has exactly one image, the fourth metadata row.
+    assert pd.read_csv(output).set_index("observation_id").loc[5, "class_id"] == expected
