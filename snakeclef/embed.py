@@ -98,11 +98,11 @@ def list_array(values: np.ndarray, ok: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), flat, mask=pa.array(~ok))
 
 
-def embed_record_batches(batches: Iterator[pa.RecordBatch], settings: EmbedSettings, devices=None) -> Iterator[pa.RecordBatch]:
+def embed_record_batches(batches: Iterator[pa.RecordBatch], settings: EmbedSettings, stats=None) -> Iterator[pa.RecordBatch]:
     """Replace the ``data`` column of each image-record batch by ``cls``, ``dct`` and ``error`` columns."""
+    loaded = settings in _EXTRACTORS
     extractor = get_extractor(settings)
-    if devices is not None:
-        devices.add({f"{extractor.backbone.device.type}/{extractor.backbone.precision}"})
+    before = dict(extractor.timings, load_s=extractor.timings["load_s"] if loaded else 0.0)
     for batch in batches:
         result = extractor.embed(batch.column("data").to_pylist())
         ok = result.ok
@@ -111,16 +111,24 @@ def embed_record_batches(batches: Iterator[pa.RecordBatch], settings: EmbedSetti
         columns["dct"] = list_array(result.dct, ok)
         columns["error"] = pa.array(result.errors, type=pa.string())
         yield pa.RecordBatch.from_pydict(columns)
+    if stats is not None:
+        profile = {key: extractor.timings[key] - before[key] for key in WORKER_TIMINGS}
+        stats.add({**profile, "devices": {f"{extractor.backbone.device.type}/{extractor.backbone.precision}"}})
 
 
-class SetAccumulator(AccumulatorParam):
-    """Spark accumulator of a set of strings (the device/precision pairs the workers used)."""
+WORKER_TIMINGS = ("load_s", "decode_s", "forward_s", "images")
 
-    def zero(self, value: set) -> set:
-        return set()
 
-    def addInPlace(self, value1: set, value2: set) -> set:
-        value1 |= value2
+class WorkerStatsAccumulator(AccumulatorParam):
+    """Spark accumulator of worker timings (summed over workers) and the device/precision pairs they used."""
+
+    def zero(self, value: dict) -> dict:
+        return {**{key: 0 for key in WORKER_TIMINGS}, "devices": set()}
+
+    def addInPlace(self, value1: dict, value2: dict) -> dict:
+        for key in WORKER_TIMINGS:
+            value1[key] = value1.get(key, 0) + value2.get(key, 0)
+        value1["devices"] = set(value1.get("devices", ())) | set(value2.get("devices", ()))
         return value1
 
 
@@ -195,7 +203,7 @@ def remove_outputs(output: Path) -> None:
     shutil.rmtree(output / CHUNKS_DIR, ignore_errors=True)
 
 
-def embed_chunk(spark: SparkSession, chunk: dict, output: Path, schema: T.StructType, settings: EmbedSettings, devices) -> dict:
+def embed_chunk(spark: SparkSession, chunk: dict, output: Path, schema: T.StructType, settings: EmbedSettings, stats) -> dict:
     """Embed one chunk of input files; return its marker contents once its part files are in ``output``."""
     index = chunk["index"]
     prefix = chunk_prefix(index)
@@ -206,7 +214,7 @@ def embed_chunk(spark: SparkSession, chunk: dict, output: Path, schema: T.Struct
     temporary = output / f".chunk-{index:05d}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         images = spark.read.schema(schema).parquet(*chunk["files"])
-        embeddings = images.mapInArrow(lambda batches: embed_record_batches(batches, settings, devices), output_schema(schema))
+        embeddings = images.mapInArrow(lambda batches: embed_record_batches(batches, settings, stats), output_schema(schema))
         embeddings.write.parquet(str(temporary))
 
         names = []
@@ -224,7 +232,7 @@ def embed_chunk(spark: SparkSession, chunk: dict, output: Path, schema: T.Struct
         "rows": errors.num_rows,
         "errors": int(errors.num_rows - errors.column("error").null_count),
         "seconds": round(time.perf_counter() - started, 3),
-        "workers": sorted(devices.value),
+        "workers": sorted(stats.value["devices"]),
     }
     if marker["errors"]:
         examples = errors.filter(errors.column("error").is_valid()).slice(0, 3).to_pylist()
@@ -320,9 +328,9 @@ def embed_images(
         output,
         {"settings": dataclasses.asdict(settings), "chunks": plan_chunks(files, count_file_rows(spark, files), chunk_size)},
     )
-    markers = run_chunks(spark, plan, output, images.schema, settings, arrow_batch_size or 2 * batch_size)
+    markers, profile = run_chunks(spark, plan, output, images.schema, settings, arrow_batch_size or 2 * batch_size)
 
-    report = make_report(plan, markers, settings, hidden_size, time.perf_counter() - started)
+    report = make_report(plan, markers, profile, settings, hidden_size, time.perf_counter() - started)
     storage.write_text(output / REPORT_NAME, json.dumps(report, indent=2))
     storage.write_text(output / SUCCESS_NAME, "")
     logger.info(
@@ -332,8 +340,10 @@ def embed_images(
     return report
 
 
-def run_chunks(spark: SparkSession, plan: dict, output: Path, schema: T.StructType, settings: EmbedSettings, arrow_batch_size: int) -> dict:
-    """Embed every chunk that has no marker yet; return all markers, with ``computed`` set on this run's."""
+def run_chunks(
+    spark: SparkSession, plan: dict, output: Path, schema: T.StructType, settings: EmbedSettings, arrow_batch_size: int
+) -> tuple[dict, dict]:
+    """Embed every chunk that has no marker yet; return all markers (``computed`` set on this run's) and the worker profile."""
     chunks = plan["chunks"]
     markers, pending = {}, []
     for chunk in chunks:
@@ -345,14 +355,14 @@ def run_chunks(spark: SparkSession, plan: dict, output: Path, schema: T.StructTy
     if markers:
         logger.info("Resuming embeddings at %s: %d of %d chunks already done", output, len(markers), len(chunks))
 
-    devices = spark.sparkContext.accumulator(set(), SetAccumulator())
+    stats = spark.sparkContext.accumulator(WorkerStatsAccumulator().zero({}), WorkerStatsAccumulator())
     arrow_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
     previous = spark.conf.get(arrow_key, None)
     spark.conf.set(arrow_key, str(arrow_batch_size))
     rows_done, started = 0, time.perf_counter()
     try:
         for chunk in pending:
-            marker = embed_chunk(spark, chunk, output, schema, settings, devices)
+            marker = embed_chunk(spark, chunk, output, schema, settings, stats)
             markers[chunk["index"]] = {**marker, "computed": True}
             rows_done += marker["rows"]
             logger.info(
@@ -365,10 +375,11 @@ def run_chunks(spark: SparkSession, plan: dict, output: Path, schema: T.StructTy
             spark.conf.unset(arrow_key)
         else:
             spark.conf.set(arrow_key, previous)
-    return markers
+    profile = {key: round(value, 3) for key, value in stats.value.items() if key in WORKER_TIMINGS}
+    return markers, profile
 
 
-def make_report(plan: dict, markers: dict, settings: EmbedSettings, hidden_size: int, seconds: float) -> dict:
+def make_report(plan: dict, markers: dict, profile: dict, settings: EmbedSettings, hidden_size: int, seconds: float) -> dict:
     """Summarise the run: settings, counts over all chunks, and the speed of the chunks computed now."""
     chunk_markers = [markers[chunk["index"]] for chunk in plan["chunks"]]
     # "cpu/bf16"-style pairs reported by the workers, so "auto" shows what it resolved to.
@@ -396,4 +407,6 @@ def make_report(plan: dict, markers: dict, settings: EmbedSettings, hidden_size:
         "rows_computed": computed_rows,
         "seconds": round(seconds, 3),
         "images_per_second": round(computed_rows / compute_seconds, 2) if compute_seconds else 0.0,
+        # Seconds summed over the Python workers of this run: model load, decode + preprocess, forward + DCT.
+        "worker_profile": profile,
     }

@@ -16,6 +16,7 @@ bicubic, center crop 224, rescale by 1/255, ImageNet mean/std):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -235,14 +236,23 @@ def preprocess(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     if config.do_center_crop:
         pixels = center_crop(pixels, config.crop_height, config.crop_width)
 
-    values = pixels.astype(np.float32)
-    if config.do_rescale:
-        values *= np.float32(config.rescale_factor)
-    if config.do_normalize:
-        mean = np.asarray(config.image_mean, dtype=np.float32)
-        std = np.asarray(config.image_std, dtype=np.float32)
-        values = (values - mean) / std
-    return np.ascontiguousarray(values.transpose(2, 0, 1))
+    # One copy into (3, H, W) float32, then rescale and normalize in place as x * scale - offset per channel.
+    values = pixels.transpose(2, 0, 1).astype(np.float32, order="C")
+    scale, offset = normalization_terms(config)
+    values *= scale
+    values -= offset
+    return values
+
+
+@functools.lru_cache(maxsize=8)
+def normalization_terms(config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Return per-channel ``(scale, offset)`` of shape ``(3, 1, 1)`` such that output = pixel * scale - offset."""
+    rescale = config.rescale_factor if config.do_rescale else 1.0
+    mean = np.asarray(config.image_mean, dtype=np.float64) if config.do_normalize else np.zeros(3)
+    std = np.asarray(config.image_std, dtype=np.float64) if config.do_normalize else np.ones(3)
+    scale = (rescale / std).astype(np.float32).reshape(3, 1, 1)
+    offset = (mean / std).astype(np.float32).reshape(3, 1, 1)
+    return scale, offset
 
 
 def load_pixel_values(data: bytes, config: PreprocessConfig) -> np.ndarray:
