@@ -417,3 +417,16 @@ def test_archive_real_metadata(snakeclef_meta, ph_snakes, tmp_path):
     assert (records["split"] == "val").all()
     assert records.groupby("observation_id").size().max() > 1
     assert records["captive"].dtype == bool
+
+
+def test_ingest_write_failure_leaves_nothing(synthetic_dataset, tmp_path, monkeypatch):
+    from snakeclef.data import ingest
+
+    def failing_writer(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ingest.pq, "ParquetWriter", failing_writer)
+    with pytest.raises(RuntimeError, match="writing Parquet under .* failed: No space left on device"):
+        ingest_folder(synthetic_dataset, tmp_path / "images", partitions=3)
+    assert not (tmp_path / "images").exists()
+    assert list(tmp_path.glob(".images.tmp-*")) == []

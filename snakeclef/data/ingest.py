@@ -42,7 +42,7 @@ STRING_COLUMNS = ("image_path", "binomial_name", "code", "split")
 REPORT_NAME = "_ingest_report.json"
 SUCCESS_NAME = "_SUCCESS"
 ROW_GROUP_BYTES = 32 * 1024 * 1024
-QUEUED_ROW_GROUPS = 2
+QUEUED_BYTES = 2 * ROW_GROUP_BYTES
 
 
 def ingest_folder(
@@ -120,7 +120,8 @@ class RecordWriter:
     A record is a position in ``metadata`` plus the image bytes. The metadata
     columns come from a pre-built Arrow table, so a flush is one ``take``.
     A background thread writes the files while the caller reads the next
-    images. At most ``QUEUED_ROW_GROUPS`` row groups wait for it, which bounds memory.
+    images. At most ``QUEUED_BYTES`` of image data wait for it (or one row group
+    when that is larger), which bounds memory.
     """
 
     def __init__(self, folder: Path, metadata: pd.DataFrame, *, rows_per_part: int, row_group_bytes: int = ROW_GROUP_BYTES):
@@ -134,7 +135,9 @@ class RecordWriter:
         self._part_rows = 0
         self._part_open = False
         self._reset_buffer()
-        self._queue: queue.Queue = queue.Queue(maxsize=QUEUED_ROW_GROUPS)
+        self._queue: queue.Queue = queue.Queue()
+        self._queued_bytes = 0
+        self._queue_space = threading.Condition()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write_loop, name="parquet-writer", daemon=True)
         self._thread.start()
@@ -179,7 +182,7 @@ class RecordWriter:
         data = pa.Array.from_buffers(pa.binary(), len(self._positions), [None, offsets, pa.py_buffer(self._data)])
         table = self.metadata_table.take(pa.array(self._positions, pa.int64()))
         table = table.append_column(self.schema.field("data"), data)
-        self._put(("write", table))
+        self._put(("write", table), nbytes=len(self._data))
 
         self._part_rows += table.num_rows
         self.parts[-1]["rows"] = self._part_rows
@@ -196,15 +199,15 @@ class RecordWriter:
         self._part_rows = 0
         self._part_open = True
 
-    def _put(self, command) -> None:
-        while True:
+    def _put(self, command, *, nbytes: int = 0) -> None:
+        """Queue a command for the writer thread, first waiting until the queued image bytes leave room."""
+        with self._queue_space:
+            while self._queued_bytes > 0 and self._queued_bytes + nbytes > QUEUED_BYTES and self._error is None:
+                self._queue_space.wait(timeout=0.5)
             if self._error is not None:
                 raise RuntimeError(f"writing Parquet under {self.folder} failed: {self._error}") from self._error
-            try:
-                self._queue.put(command, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+            self._queued_bytes += nbytes
+        self._queue.put((command, nbytes))
 
     def _stop(self) -> None:
         if self._thread.is_alive():
@@ -217,7 +220,10 @@ class RecordWriter:
         columns = [name for name in self.schema.names if name != "data"]
         writer = None
         try:
-            while (command := self._queue.get()) is not None:
+            while True:
+                command, nbytes = self._queue.get()
+                if command is None:
+                    break
                 kind, value = command
                 if kind == "open":
                     writer = pq.ParquetWriter(
@@ -230,11 +236,16 @@ class RecordWriter:
                     )
                 elif kind == "write":
                     writer.write_table(value)
+                    with self._queue_space:
+                        self._queued_bytes -= nbytes
+                        self._queue_space.notify()
                 else:
                     writer.close()
                     writer = None
         except BaseException as error:
-            self._error = error
+            with self._queue_space:
+                self._error = error
+                self._queue_space.notify()
         finally:
             if writer is not None:
                 writer.close()
