@@ -178,3 +178,13 @@ def test_dct_model_uses_its_dct_k(tmp_path, synthetic_dataset, tiny_backbone):
     expected = CLASS_IDS[int(classifier.log_probs(batch.dct).argmax())]
     # Observation 5 has exactly one image, the fourth metadata row.
     assert pd.read_csv(output).set_index("observation_id").loc[5, "class_id"] == expected
+
+
+def test_empty_metadata_writes_header(tmp_path, synthetic_dataset, model_dir):
+    metadata_csv = tmp_path / "empty.csv"
+    metadata_csv.write_text("observation_id,image_path\n")
+    output = tmp_path / "submission.csv"
+    summary = predict_submission(metadata_csv, synthetic_dataset, model_dir, output, device="cpu", progress=False)
+    assert output.read_text() == "observation_id,class_id\n"
+    assert summary["observations"] == 0
+    assert summary["images"] == 0
