@@ -85,6 +85,7 @@ def get_spark(master: str | None = None, settings: Mapping[str, str] | None = No
         # the first network interface it finds.
         resolved.setdefault("spark.driver.host", "127.0.0.1")
         resolved.setdefault("spark.driver.bindAddress", "127.0.0.1")
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
     builder = SparkSession.builder.master(master).appName(app_name)
     for key, value in resolved.items():

@@ -129,10 +129,18 @@ class Stage(luigi.Task):
     def fetch(self, *parts: str) -> Path:
         """Return a local copy of a finished artifact folder or file under the output root."""
         local = self.local(*parts)
-        if storage.is_gcs(self.output_root):
-            from snakeclef.data.download import download
+        if not storage.is_gcs(self.output_root):
+            return local
+        if Path(parts[-1]).suffix:
+            # A single file (submission.csv): the local mirror holds it when this machine wrote it.
+            if not local.is_file():
+                bucket, key = storage.split_gcs(self.uri(*parts))
+                local.parent.mkdir(parents=True, exist_ok=True)
+                storage.make_gcs_client().bucket(bucket).blob(key).download_to_filename(str(local))
+            return local
+        from snakeclef.data.download import download
 
-            download(self.uri(*parts), local)
+        download(self.uri(*parts), local)
         return local
 
     def publish(self, *parts: str) -> None:
@@ -357,9 +365,10 @@ def _venomous_list(task: Stage) -> str:
     if task.venomous_list:
         return task.venomous_list
     if task.dataset:
-        default = storage.join(task.dataset, "venomous_status.csv")
-        if storage.is_gcs(default) or Path(default).is_file():
-            return default
+        # A gs:// dataset has been downloaded whole to raw/ by then.
+        default = _raw_path(task, task.dataset) / "venomous_status.csv"
+        if default.is_file():
+            return str(default)
     from_records = task.local("eval", "venomous_status.csv")
     return str(from_records) if from_records.is_file() else ""
 

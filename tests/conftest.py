@@ -115,3 +115,41 @@ def write_synthetic_dataset(root: Path, *, n_classes: int = 3, per_class: int = 
 def synthetic_dataset(tmp_path) -> Path:
     """A small labelled image folder with ``index.csv`` (3 classes x 6 images, ids 100, 107, 114)."""
     return write_synthetic_dataset(tmp_path / "dataset")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A gcp-storage-emulator process on 127.0.0.1; yields its ``http://127.0.0.1:PORT`` address."""
+    import socket
+    import subprocess
+    import time
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("emulator") / "emulator.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            ["gcp-storage-emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"gcp-storage-emulator did not start on 127.0.0.1:{port}; see {log_path}")
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
