@@ -5,7 +5,9 @@ The predictor run covers everything per image: reading the file, decoding and
 preprocessing, the backbone, [CLS] and DCT features, the classifier and the
 per-observation decision. The limit is the backbone alone on pixel tensors
 made in advance, at the same device and precision, at the fastest of a few
-batch sizes. Model loading is excluded from both.
+batch sizes. Model loading is excluded from both. On a shared machine the load
+changes between the two runs, so the script also alternates predictor slices
+with bare forward passes on equal image counts (``interleaved_ratio``).
 
 Usage:
     python scripts/bench_predict.py [--images-root DIR] [--backbone DIR] [--batch-size 32]
@@ -58,6 +60,39 @@ def measure_limit(backbone_path: str, *, device: str, precision: str, batch_size
     return {"rates": rates, "precision": backbone.precision, "device": str(backbone.device), "hidden_size": backbone.hidden_size}
 
 
+def measure_interleaved(images_root: Path, image_paths: list[str], model_dir: Path, *, backbone_path: str, batch_size: int,
+                        device: str, precision: str, rounds: int) -> dict:
+    """Alternate predictor slices and bare forward passes on equal image counts, so both see the same machine load.
+
+    The predictor slice is everything after loading: file reads, decoding,
+    backbone, features and classifier (``predict_log_probs``).
+    """
+    from snakeclef.features import FeatureExtractor
+    from snakeclef.models.classifier import load_classifier
+    from snakeclef.predict import predict_log_probs
+
+    classifier = load_classifier(model_dir)
+    extractor = FeatureExtractor(backbone_path, device=device, precision=precision, batch_size=batch_size)
+    backbone = extractor.backbone
+    pixel_values = torch.randn(batch_size, 3, 224, 224).to(backbone.device, dtype=backbone.dtype)
+    slice_size = len(image_paths) // rounds // batch_size * batch_size
+    predict_seconds = forward_seconds = 0.0
+    with torch.inference_mode():
+        backbone.model(pixel_values=pixel_values)  # warm-up
+    for round_index in range(rounds):
+        paths = image_paths[round_index * slice_size:(round_index + 1) * slice_size]
+        started = time.perf_counter()
+        predict_log_probs(paths, images_root, extractor=extractor, classifier=classifier, batch_size=batch_size)
+        predict_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(slice_size // batch_size):
+                backbone.model(pixel_values=pixel_values)
+        forward_seconds += time.perf_counter() - started
+    images = slice_size * rounds
+    return {"predict_img_s": images / predict_seconds, "forward_img_s": images / forward_seconds, "images": images}
+
+
 def write_random_model(model_dir: Path, *, backbone: str, hidden_size: int, class_ids: list[int]) -> None:
     """Write a model folder with random weights: throughput does not depend on the weights' values."""
     rng = np.random.default_rng(0)
@@ -79,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="predictor batch size")
     parser.add_argument("--limit-batch-sizes", default="16,32,64", help="batch sizes tried for the bare forward pass")
     parser.add_argument("--limit-images", type=int, default=256, help="images per batch size for the bare forward pass")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of the interleaved comparison (0 skips it)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
@@ -103,8 +139,16 @@ def main() -> None:
             images_root / "index.csv", images_root, model_dir, Path(tmp, "submission.csv"),
             batch_size=args.batch_size, device=args.device, precision=args.precision, progress=False,
         )
-    print(f"predictor: {summary['images']} images, {summary['failures']} failed, {summary['images_per_s']} img/s, "
-          f"{summary['seconds']} s including model loading")
+        print(f"predictor: {summary['images']} images, {summary['failures']} failed, {summary['images_per_s']} img/s, "
+              f"{summary['seconds']} s including model loading")
+        interleaved = None
+        if args.rounds > 0:
+            interleaved = measure_interleaved(
+                images_root, index["image_path"].tolist(), Path(model_dir), backbone_path=args.backbone,
+                batch_size=args.batch_size, device=args.device, precision=args.precision, rounds=args.rounds,
+            )
+            print(f"interleaved over {interleaved['images']} images: predictor {interleaved['predict_img_s']:.1f} img/s, "
+                  f"bare forward {interleaved['forward_img_s']:.1f} img/s at batch {args.batch_size}")
 
     limit_after = measure_limit(args.backbone, device=args.device, precision=args.precision, batch_sizes=batch_sizes, n_images=args.limit_images)
     print("bare forward after: " + ", ".join(f"batch {size}: {rate:.1f} img/s" for size, rate in limit_after["rates"].items()))
@@ -115,6 +159,7 @@ def main() -> None:
         "limit_img_s": round(limit, 2),
         "ratio_to_limit": round(summary["images_per_s"] / limit, 3),
         "images": summary["images"],
+        "interleaved_ratio": round(interleaved["predict_img_s"] / interleaved["forward_img_s"], 3) if interleaved else None,
         "batch_size": args.batch_size,
         "precision": limit_before["precision"],
         "device": limit_before["device"],
