@@ -41,7 +41,7 @@ CORE_COLUMNS = ("image_path", "observation_id", "class_id", "binomial_name", "co
 STRING_COLUMNS = ("image_path", "binomial_name", "code", "split")
 REPORT_NAME = "_ingest_report.json"
 SUCCESS_NAME = "_SUCCESS"
-ROW_GROUP_BYTES = 32 * 1024 * 1024
+ROW_GROUP_BYTES = 16 * 1024 * 1024
 QUEUED_BYTES = 2 * ROW_GROUP_BYTES
 
 
