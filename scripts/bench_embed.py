@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", default=None, help="folder for the Parquet data (default: a temporary folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # keeps the JSON line last
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from snakeclef.data.ingest import ingest_folder

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from pyspark.accumulators import AccumulatorParam
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
+from pyspark.errors import AnalysisException
 
 from snakeclef import storage
 
@@ -101,8 +102,11 @@ def list_array(values: np.ndarray, ok: np.ndarray) -> pa.ListArray:
 def embed_record_batches(batches: Iterator[pa.RecordBatch], settings: EmbedSettings, stats=None) -> Iterator[pa.RecordBatch]:
     """Replace the ``data`` column of each image-record batch by ``cls``, ``dct`` and ``error`` columns."""
     loaded = settings in _EXTRACTORS
+    started = time.perf_counter()
     extractor = get_extractor(settings)
-    before = dict(extractor.timings, load_s=extractor.timings["load_s"] if loaded else 0.0)
+    # A new extractor's load time includes importing torch and transformers in this worker.
+    load_seconds = 0.0 if loaded else time.perf_counter() - started
+    before = dict(extractor.timings)
     for batch in batches:
         result = extractor.embed(batch.column("data").to_pylist())
         ok = result.ok
@@ -113,6 +117,7 @@ def embed_record_batches(batches: Iterator[pa.RecordBatch], settings: EmbedSetti
         yield pa.RecordBatch.from_pydict(columns)
     if stats is not None:
         profile = {key: extractor.timings[key] - before[key] for key in WORKER_TIMINGS}
+        profile["load_s"] = load_seconds
         stats.add({**profile, "devices": {f"{extractor.backbone.device.type}/{extractor.backbone.precision}"}})
 
 
@@ -213,7 +218,8 @@ def embed_chunk(spark: SparkSession, chunk: dict, output: Path, schema: T.Struct
     started = time.perf_counter()
     temporary = output / f".chunk-{index:05d}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        images = spark.read.schema(schema).parquet(*chunk["files"])
+        # Round-robin rows over one partition per task slot: file-based splits can leave a core idle at the end.
+        images = spark.read.schema(schema).parquet(*chunk["files"]).repartition(task_slots(spark))
         embeddings = images.mapInArrow(lambda batches: embed_record_batches(batches, settings, stats), output_schema(schema))
         embeddings.write.parquet(str(temporary))
 
@@ -242,6 +248,11 @@ def embed_chunk(spark: SparkSession, chunk: dict, output: Path, schema: T.Struct
         )
     storage.write_text(chunk_marker(output, index), json.dumps(marker))
     return marker
+
+
+def task_slots(spark: SparkSession) -> int:
+    """Return how many tasks the cluster runs at once: its cores divided by ``spark.task.cpus``."""
+    return max(1, spark.sparkContext.defaultParallelism // int(spark.conf.get("spark.task.cpus", "1")))
 
 
 def read_errors(output: Path, names: list[str]) -> pa.Table:
@@ -312,7 +323,10 @@ def embed_images(
         return json.loads((output / REPORT_NAME).read_text())
 
     started = time.perf_counter()
-    images = spark.read.parquet(images_path)
+    try:
+        images = spark.read.parquet(images_path)
+    except AnalysisException as error:
+        raise FileNotFoundError(f"no Parquet image records found at {images_path}; run the ingest stage first ({error})") from error
     check_inputs(images, images_path, batch_size=batch_size, dct_k=dct_k, chunk_size=chunk_size)
     hidden_size = read_backbone_config(backbone)
     if dct_k > hidden_size:

@@ -61,7 +61,8 @@ def write_image_records(folder: Path, images: dict[str, bytes], *, files: int) -
     )
     folder.mkdir(parents=True)
     for index in range(files):
-        pq.write_table(table.take(list(range(index, len(names), files))), folder / f"part-{index:05d}.parquet")
+        rows = pa.array(range(index, len(names), files), type=pa.int64())
+        pq.write_table(table.take(rows), folder / f"part-{index:05d}.parquet")
     return folder
 
 
@@ -102,6 +103,8 @@ def test_embed_output_schema(catalogue_run):
     assert report["dct_k"] == 4
     assert report["precision"] == "fp32"
     assert report["device"] == "cpu"
+    assert report["worker_profile"]["images"] == report["rows"]
+    assert report["worker_profile"]["forward_s"] > 0
 
 
 @pytest.mark.parametrize("case", sorted(bad_image_catalogue()))
@@ -257,3 +260,18 @@ def test_embed_settings_change_restarts(spark, chunked_records, tiny_backbone, t
     assert report["chunks_reused"] == 0
     assert len(read_embeddings(output)) == 25
     assert set(read_embeddings(output)["dct"].dropna().map(len)) == {4}
+
+
+def test_embed_empty_input(spark, tmp_path, tiny_backbone):
+    folder = write_image_records(tmp_path / "images", {}, files=1)
+    report = embed_images(spark, str(folder), str(tmp_path / "out"), backbone=str(tiny_backbone))
+    assert report["rows"] == 0
+    assert report["errors"] == 0
+    assert (tmp_path / "out" / "_SUCCESS").is_file()
+    assert len(read_embeddings(tmp_path / "out")) == 0
+
+
+def test_embed_no_parquet_files(spark, tmp_path, tiny_backbone):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(FileNotFoundError, match="no Parquet image records"):
+        embed_images(spark, str(tmp_path / "images"), str(tmp_path / "out"), backbone=str(tiny_backbone))
