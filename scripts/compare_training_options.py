@@ -116,8 +116,8 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compare-train-") as tmp:
         tmp = Path(tmp)
-        kept = write_long_tailed(args.embeddings, tmp / "long_tailed", imbalance_ratio=args.imbalance_ratio, seed=0)
-        print(f"long_tailed train rows per class: {sorted(kept.values(), reverse=True)}", flush=True)
+        kept_rows = write_long_tailed(args.embeddings, tmp / "long_tailed", imbalance_ratio=args.imbalance_ratio, seed=0)
+        print(f"long_tailed train rows per class: {sorted(kept_rows.values(), reverse=True)}", flush=True)
         datasets = {"full": args.embeddings, "long_tailed": tmp / "long_tailed"}
         combinations = itertools.product(datasets, args.features, (True, False), IMBALANCE_OPTIONS, args.seeds)
         for dataset, feature, standardize, imbalance, seed in combinations:

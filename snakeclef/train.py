@@ -277,7 +277,7 @@ def train_classifier(
     rows, clipped to [32, 1024], so that a small dataset still gets several
     optimizer steps per epoch and a large one few, cheap steps. ``standardize`` scales each feature to zero mean and
     unit variance over the training rows. ``imbalance`` is "none",
-    "logit_adjustment" (the loss sees ``logits + tau * log(class_prior)``) or
+    "logit_adjustment" (the loss is computed on ``logits + tau * log(class_prior)``) or
     "class_weights" (class-balanced NLL weights, effective number with
     ``class_weight_beta``). A finished ``model_dir`` is left as it is and its
     metrics returned unless ``overwrite``. The same seed and data give the
@@ -362,7 +362,7 @@ def train_classifier(
 
 
 def default_batch_size(n_train_rows: int) -> int:
-    """An eighth of the training rows, clipped to [32, 1024]."""
+    """Return the default batch size: an eighth of the training rows, clipped to [32, 1024]."""
     return int(min(1024, max(32, n_train_rows // 8)))
 
 
@@ -431,7 +431,7 @@ def _find_learning_rate(trainer: L.Trainer, module, train_loader, val_loader) ->
 
 
 def _epoch_metrics(csv_path: Path, epoch: int) -> dict[str, float]:
-    """The validation figures logged for ``epoch`` in the CSVLogger's metrics.csv."""
+    """Collect the figures the CSVLogger wrote for ``epoch`` in metrics.csv (empty when the file is missing)."""
     import csv
 
     if not csv_path.exists():
@@ -492,7 +492,10 @@ def _read_embed_report(embeddings_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_feature_width(width: int, report: dict[str, Any], *, feature: str, source: str) -> None:
-    expected = report.get("hidden_size") if feature == "cls" else (report["dct_k"] ** 2 if report.get("dct_k") else None)
+    if feature == "cls":
+        expected = report.get("hidden_size")
+    else:
+        expected = report["dct_k"] ** 2 if report.get("dct_k") else None
     if width and expected and width != expected:
         raise ValueError(
             f"Column {feature!r} in {source} has {width} values per row, but {EMBED_REPORT_FILE} (backbone "

@@ -100,10 +100,10 @@ class Classifier:
 
     ``log_probs`` standardises the features when training did, applies the
     linear layer and returns ``log_softmax`` of the logits. When training used
-    logit adjustment, the linear layer's logits are the prior-free (balanced)
-    scores and ``log_probs`` returns those; ``calibrated_log_probs`` adds
-    ``tau * log(class_prior)`` back, giving probabilities calibrated to the
-    training class frequencies. Without logit adjustment both are the same.
+    logit adjustment, those logits are prior-free (balanced) scores.
+    ``calibrated_log_probs`` then adds ``tau * log(class_prior)`` back, which
+    gives probabilities calibrated to the training class frequencies. Without
+    logit adjustment both methods return the same values.
     """
 
     weight: np.ndarray  # (n_classes, feature_dim), float32
@@ -162,7 +162,7 @@ class Classifier:
         return _log_softmax(logits)
 
     def predict_class_ids(self, features: np.ndarray) -> np.ndarray:
-        """The argmax of :meth:`log_probs`, mapped through the label map to class_ids, (n,)."""
+        """Predict one class_id per row (n,): the argmax of :meth:`log_probs` mapped through the label map."""
         return self.label_map.to_class_ids(self.log_probs(features).argmax(axis=1))
 
 
@@ -183,9 +183,10 @@ def save_model_folder(
 ) -> None:
     """Write a complete model folder atomically (a temporary folder renamed into place, ``_SUCCESS`` last).
 
-    ``info`` becomes model.json and must contain ``feature``, ``backbone`` and
-    ``class_counts`` (training rows per class, label-map order); ``extra_files``
-    maps a name inside the folder to a local file or folder copied there.
+    ``info`` becomes model.json. It must contain ``feature`` and ``backbone``,
+    and should contain ``class_counts`` (training rows per class, in label-map
+    order). ``extra_files`` maps a name inside the folder to a local file or
+    folder that is moved there.
     """
     weight = torch.as_tensor(np.asarray(weight, dtype=np.float32)).contiguous()
     bias = torch.as_tensor(np.asarray(bias, dtype=np.float32)).contiguous()
@@ -238,11 +239,14 @@ def _check_model(weight: np.ndarray, bias: np.ndarray, label_map: LabelMap, info
             "expected (n_classes, feature_dim) and (n_classes,)."
         )
     n_classes, feature_dim = weight.shape
+
     if n_classes != len(label_map):
         raise ValueError(
             f"Classifier in {source} has {n_classes} outputs but its label map has {len(label_map)} class_ids; "
             "the label map does not belong to these weights. Retrain or restore the matching label_map.json."
         )
+    if not info.get("backbone"):
+        raise ValueError(f"model.json in {source} has no 'backbone'; the predictor needs it to compute matching features.")
     if info.get("feature") not in FEATURES:
         raise ValueError(f"model.json in {source} has feature={info.get('feature')!r}; expected one of {FEATURES}.")
     expected_dim = info.get("feature_dim")
@@ -258,6 +262,7 @@ def _check_model(weight: np.ndarray, bias: np.ndarray, label_map: LabelMap, info
             f"{info.get('backbone')!r} (hidden_size={info.get('hidden_size')}, dct_k={info.get('dct_k')}) "
             f"have {expected_dim}. Retrain on embeddings from this backbone."
         )
+
     counts = info.get("class_counts")
     if counts is not None and len(counts) != n_classes:
         raise ValueError(f"model.json in {source} has {len(counts)} class_counts for {n_classes} classes.")
@@ -271,7 +276,7 @@ def _check_model(weight: np.ndarray, bias: np.ndarray, label_map: LabelMap, info
 
 
 def _feature_dim_from_backbone(info: dict) -> int | None:
-    """The feature width implied by the backbone reference, or None when model.json does not say."""
+    """Return the feature width implied by the backbone reference, or None when model.json lacks it."""
     if info.get("feature") == "cls" and info.get("hidden_size"):
         return int(info["hidden_size"])
     if info.get("feature") == "dct" and info.get("dct_k"):
