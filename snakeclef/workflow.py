@@ -208,12 +208,22 @@ class PredictParams(TrainParams):
     venomous_list = luigi.Parameter(default="", description="CSV of class_id with MIVS or venomous (0/1); default DATASET/venomous_status.csv, else the records' venomous column.")
 
 
-def _raw_path(task: Stage, uri: str) -> Path:
-    """Local path of an input: itself, or where Download puts a gs:// one."""
-    if not storage.is_gcs(uri):
-        return Path(storage.strip_file_scheme(uri))
+def _download_folder(task: Stage, uri: str) -> Path:
+    """Local folder that Download fills with a gs:// prefix or object: ``raw/<bucket>/<key>``."""
     bucket, key = storage.split_gcs(uri)
     return task.local("raw", bucket, key)
+
+
+def _raw_path(task: Stage, uri: str, *, is_file: bool = False) -> Path:
+    """Local path of an input: itself, or where Download puts a gs:// one.
+
+    Download writes a single object inside its own folder (so two inputs
+    never share a ``_SUCCESS`` marker): ``raw/<bucket>/<key>/<name>``.
+    """
+    if not storage.is_gcs(uri):
+        return Path(storage.strip_file_scheme(uri))
+    folder = _download_folder(task, uri)
+    return folder / uri.rstrip("/").rsplit("/", 1)[-1] if is_file else folder
 
 
 class ChainedStage(Stage):
@@ -254,7 +264,7 @@ class Ingest(InputParams, ChainedStage):
 
     def requires(self):
         remote = [uri for uri in (self.dataset, self.metadata, *self.archive) if storage.is_gcs(uri)]
-        return [Download(source=uri, destination=str(_raw_path(self, uri))) for uri in remote]
+        return [Download(source=uri, destination=str(_download_folder(self, uri))) for uri in remote]
 
     def run(self):
         from snakeclef.data import ingest
@@ -268,8 +278,9 @@ class Ingest(InputParams, ChainedStage):
             if self.dataset:
                 ingest.ingest_folder(_raw_path(self, self.dataset), staging, partitions=self.partitions)
             else:
-                archives = [_raw_path(self, uri) for uri in self.archive]
-                ingest.ingest_archives(archives, _raw_path(self, self.metadata), staging, partitions=self.partitions)
+                archives = [_raw_path(self, uri, is_file=True) for uri in self.archive]
+                metadata = _raw_path(self, self.metadata, is_file=True)
+                ingest.ingest_archives(archives, metadata, staging, partitions=self.partitions)
 
 
 class Embed(EmbedParams, ChainedStage):
@@ -408,7 +419,7 @@ def _local_file(task: Stage, uri: str) -> Path:
     """A local copy of a small input file that may be a gs:// URI."""
     if not storage.is_gcs(uri):
         return Path(storage.strip_file_scheme(uri))
-    local = _raw_path(task, uri)
+    local = _raw_path(task, uri, is_file=True)
     if not local.is_file():
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_text(storage.read_text(uri))
