@@ -66,7 +66,7 @@ def plot_embeddings(
     seed: int = 0,
     max_points_per_species: int | None = None,
 ) -> dict:
-    """Plot UMAP projections of ``cls`` and ``dct`` for the top-k species and a species list; return the scores.
+    """Plot UMAP projections of ``cls`` and ``dct`` for the top-k species (ties by name) and a species list; return the scores.
 
     Writes ``umap_top<k>.png``, ``umap_species.png`` (when at least two of
     ``species`` are present) and ``separation.json`` (last) into ``plots_dir``.
