@@ -449,7 +449,8 @@ class Evaluate(PredictParams, ChainedStage):
             output_dir=self.local(),
             plots_dir=self.local("plots"),
         )
-        for name in ("per_species.csv", "plots", "metrics.json"):
+        # metrics.json is the task's marker, so it goes up last.
+        for name in ("per_species.csv", "venom_confusion.csv", "plots", "metrics.json"):
             if self.local(name).exists():
                 self.publish(name)
 
