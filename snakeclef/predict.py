@@ -404,7 +404,8 @@ def predict_submission(
     classifier = load_classifier(model_dir)
     class_ids = class_ids_of(classifier)
     cost_matrix = make_cost_matrix(read_venomous_flags(venomous_list, class_ids)) if venomous_list is not None else None
-    class_prior = normalise_prior(getattr(classifier, "class_prior", None), len(class_ids))
+    # model.json may lack class_counts (a hand-made model folder); normalise_prior then falls back to uniform.
+    class_prior = normalise_prior(classifier.info.get("class_counts"), len(class_ids))
 
     backbone = resolve_backbone(model_dir, getattr(classifier, "backbone", None), backbone)
     dct_k = int(getattr(classifier, "info", {}).get("dct_k", 8))

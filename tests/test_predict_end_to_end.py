@@ -188,3 +188,17 @@ def test_empty_metadata_writes_header(tmp_path, synthetic_dataset, model_dir):
     assert output.read_text() == "observation_id,class_id\n"
     assert summary["observations"] == 0
     assert summary["images"] == 0
+
+
+def test_no_class_counts_uses_uniform_prior(tmp_path, synthetic_dataset, tiny_backbone):
+    model_dir = write_model_folder(tmp_path / "model", tiny_backbone)
+    info = json.loads((model_dir / "model.json").read_text())
+    del info["class_counts"]
+    (model_dir / "model.json").write_text(json.dumps(info))
+    metadata_csv, _ = write_test_metadata(synthetic_dataset)
+    output = tmp_path / "submission.csv"
+
+    predict_submission(metadata_csv, synthetic_dataset, model_dir, output, device="cpu", progress=False)
+
+    # A uniform prior ties every class, and argmax takes the first: index 0, class_id 7.
+    assert pd.read_csv(output).set_index("observation_id").loc[99, "class_id"] == 7
