@@ -24,7 +24,26 @@ def read_submission(path) -> pd.DataFrame:
     return submission
 
 
+def add_broken_images(dataset) -> list[str]:
+    """Append a truncated JPEG (train) and a text file named .jpg (val) to the dataset's index."""
+    index = pd.read_csv(dataset / "index.csv")
+    good = index.iloc[0]
+    truncated = "train/broken/truncated.jpg"
+    not_an_image = "val/broken/not_an_image.jpg"
+    (dataset / "train" / "broken").mkdir(parents=True)
+    (dataset / "val" / "broken").mkdir(parents=True)
+    (dataset / truncated).write_bytes((dataset / good["image_path"]).read_bytes()[:300])
+    (dataset / not_an_image).write_text("this is not a JPEG")
+    extra = pd.DataFrame([
+        {**good.to_dict(), "image_path": truncated, "split": "train"},
+        {**good.to_dict(), "image_path": not_an_image, "split": "val"},
+    ])
+    pd.concat([index, extra]).to_csv(dataset / "index.csv", index=False)
+    return [truncated, not_an_image]
+
+
 def test_pipeline_tiny_backbone(spark, synthetic_dataset, tiny_backbone, tmp_path):
+    broken = add_broken_images(synthetic_dataset)
     root = tmp_path / "run"
     params = dict(dataset=str(synthetic_dataset), backbone=str(tiny_backbone), output_root=str(root), partitions=4, batch_size=4)
 
@@ -46,6 +65,13 @@ def test_pipeline_tiny_backbone(spark, synthetic_dataset, tiny_backbone, tmp_pat
     metrics = json.loads((root / "metrics.json").read_text())
     for key in ("f1", "accuracy", "track1", "track2"):
         assert key in metrics
+
+    # Broken images stay in the embeddings as error rows, and the broken val
+    # image, its own observation, still gets a prediction.
+    embeddings = pd.read_parquet(root / "embeddings", columns=["image_path", "error"])
+    assert len(embeddings) == len(index)
+    errors = embeddings.dropna(subset=["error"])
+    assert sorted(errors["image_path"]) == sorted(broken)
 
     mtimes = {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()}
     second = run_pipeline(**params)
