@@ -533,27 +533,29 @@ def check_result(name: str, result: dict) -> list[str]:
 def growth_exponents(by_scale: dict[str, dict], stages: list[str]) -> dict[str, list[dict]]:
     """For consecutive scales, each stage's exponent k in ``seconds ~ size ** k`` and the same for peak memory.
 
-    A stage's size is its ``work`` where it reports one (rows times classes
-    for the stages whose cost grows with the classifier's width, which grows
-    with the scale because small samples miss rare classes), else its ``items``.
+    A stage's size is its ``work`` where it reports one (rows times classes,
+    for the stages whose cost grows with the classifier's width), else its
+    ``items``. The width grows with the scale because small samples miss rare
+    classes, while at full size it is fixed, so ``time_exponent_items`` (the
+    exponent over items alone) overstates those stages' growth in images.
     """
     scales = sorted(by_scale, key=float)
     growth: dict[str, list[dict]] = {}
     for small, large in zip(scales, scales[1:]):
         for stage in stages:
             a, b = by_scale[small]["stages"].get(stage), by_scale[large]["stages"].get(stage)
-            if not a or not b:
+            if not a or not b or b["items"] <= a["items"] or a["seconds"] <= 0:
                 continue
             unit = "work" if "work" in a and "work" in b else "items"
-            if b[unit] <= a[unit] or a["seconds"] <= 0:
-                continue
             size_ratio = math.log(b[unit] / a[unit])
+            time_ratio = math.log(max(b["seconds"], 1e-6) / a["seconds"])
             growth.setdefault(stage, []).append(
                 {
                     "scales": [float(small), float(large)],
                     "size": "items x classes" if unit == "work" else "items",
                     "size_ratio": round(b[unit] / a[unit], 2),
-                    "time_exponent": round(math.log(max(b["seconds"], 1e-6) / a["seconds"]) / size_ratio, 2),
+                    "time_exponent": round(time_ratio / size_ratio, 2),
+                    "time_exponent_items": round(time_ratio / math.log(b["items"] / a["items"]), 2),
                     "memory_exponent": round(math.log(b["peak_mb"] / a["peak_mb"]) / size_ratio, 2),
                     "us_per_item": [round(1e6 * a["seconds"] / a["items"], 1), round(1e6 * b["seconds"] / b["items"], 1)],
                 }
@@ -594,6 +596,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-batch-size", type=int, default=1024, help="Training batch size.")
     parser.add_argument("--stage-timeout", type=float, default=3600, help="Seconds after which a stage's process is killed.")
     parser.add_argument("--superlinear-threshold", type=float, default=1.25, help="Flag a stage whose time or memory exponent between two scales exceeds this.")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, help="Do not run anything: merge the outputs of earlier runs (files whose last line is the JSON summary) and recompute the growth exponents.")
     parser.add_argument("--run-stage", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
@@ -618,7 +621,7 @@ def run_scale(scale: float, stages: list[str], root: Path, args: argparse.Namesp
         logger.info("scale %g: %s ...", scale, name)
         result = measure_stage(name, work, args)
         results[name] = result
-        problems += check_result(name, result)
+        problems += [f"scale {scale:g}: {problem}" for problem in check_result(name, result)]
         logger.info(
             "scale %g: %-24s %9.1f s  %8.1f MB peak  %3d processes  %d items",
             scale, name, result["seconds"], result["peak_mb"], result["max_processes"], result["items"],
@@ -631,6 +634,55 @@ def run_scale(scale: float, stages: list[str], root: Path, args: argparse.Namesp
     }
 
 
+def load_summaries(paths: list[Path]) -> tuple[dict[str, dict], list[str]]:
+    """Merge the per-scale stage results and problems of earlier runs (their last output line); later files win."""
+    by_scale: dict[str, dict] = {}
+    problems: list[str] = []
+    for path in paths:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise SystemExit(f"{path} is empty: expected the output of an earlier run, whose last line is its JSON summary.")
+        summary = json.loads(lines[-1])
+        for scale, data in summary["scales"].items():
+            entry = by_scale.setdefault(scale, {"counts": {}, "stages": {}})
+            if data["counts"].get("images") is not None:
+                entry["counts"] = data["counts"]
+            for name, seconds in data["seconds"].items():
+                details = data["details"].get(name, {})
+                entry["stages"][name] = {"seconds": seconds, "peak_mb": data["peak_mb"][name], "items": data["items"][name], **details}
+        problems += summary.get("problems", [])
+    return by_scale, problems
+
+
+def summarize(by_scale: dict[str, dict], problems: list[str], threshold: float) -> dict:
+    """Build the final JSON: per-scale seconds, peak MB and items per stage, growth exponents and flags."""
+    stages = [name for name in STAGES if name not in SETUP_STAGES]
+    growth = growth_exponents(by_scale, stages)
+    superlinear = sorted(
+        stage for stage, pairs in growth.items()
+        if any(pair["time_exponent"] > threshold or pair["memory_exponent"] > threshold for pair in pairs)
+    )
+    for stage in superlinear:
+        logger.warning("%s grows faster than linearly: %s", stage, growth[stage])
+    for problem in problems:
+        logger.error("%s", problem)
+
+    per_scale = {}
+    for scale in sorted(by_scale, key=float):
+        data = by_scale[scale]
+        per_scale[scale] = {
+            "counts": data["counts"],
+            "seconds": {name: stage["seconds"] for name, stage in data["stages"].items()},
+            "peak_mb": {name: stage["peak_mb"] for name, stage in data["stages"].items()},
+            "items": {name: stage["items"] for name, stage in data["stages"].items()},
+            "details": {
+                name: {key: value for key, value in stage.items() if key not in ("seconds", "peak_mb", "items")}
+                for name, stage in data["stages"].items()
+            },
+        }
+    return {"scales": per_scale, "growth": growth, "superlinear": superlinear, "superlinear_threshold": threshold, "problems": problems}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.run_stage:
@@ -638,6 +690,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    started = time.perf_counter()
+    if args.combine:
+        by_scale, problems = load_summaries(args.combine)
+    else:
+        by_scale = run_scales(args)
+        problems = [problem for scale in by_scale.values() for problem in scale.pop("problems")]
+
+    summary = summarize(by_scale, problems, args.superlinear_threshold)
+    summary.update(
+        total_seconds=round(time.perf_counter() - started, 1),
+        machine=machine_description(),
+        command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    )
+    print(json.dumps(summary))
+    return 1 if summary["problems"] else 0
+
+
+def run_scales(args: argparse.Namespace) -> dict[str, dict]:
+    """Run the selected stages at every requested scale; return the results keyed by scale."""
     scales = [args.scale] if args.scale is not None else [float(value) for value in args.scales.split(",") if value.strip()]
     stages = [value.strip() for value in args.stages.split(",") if value.strip()]
     unknown = [name for name in stages if name not in STAGES]
@@ -647,46 +718,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"Invalid --scales {scales}: each must be in (0, 1].")
 
     root = args.work_dir or Path(tempfile.mkdtemp(prefix="snakeclef-scale-"))
-    started = time.perf_counter()
     try:
-        by_scale = {f"{scale:g}": run_scale(scale, stages, root, args) for scale in scales}
+        return {f"{scale:g}": run_scale(scale, stages, root, args) for scale in scales}
     finally:
         if not args.keep and args.work_dir is None:
             shutil.rmtree(root, ignore_errors=True)
-
-    growth = growth_exponents(by_scale, [name for name in stages if name not in SETUP_STAGES])
-    threshold = args.superlinear_threshold
-    superlinear = sorted(
-        stage for stage, pairs in growth.items()
-        if any(pair["time_exponent"] > threshold or pair["memory_exponent"] > threshold for pair in pairs)
-    )
-    for stage in superlinear:
-        logger.warning("%s grows faster than linearly: %s", stage, growth[stage])
-    problems = [problem for scale in by_scale.values() for problem in scale["problems"]]
-    for problem in problems:
-        logger.error("%s", problem)
-
-    summary = {
-        "scales": {
-            scale: {
-                "counts": data["counts"],
-                "seconds": {name: stage["seconds"] for name, stage in data["stages"].items()},
-                "peak_mb": {name: stage["peak_mb"] for name, stage in data["stages"].items()},
-                "items": {name: stage["items"] for name, stage in data["stages"].items()},
-                "details": {name: {k: v for k, v in stage.items() if k not in ("seconds", "peak_mb", "items")} for name, stage in data["stages"].items()},
-            }
-            for scale, data in by_scale.items()
-        },
-        "growth": growth,
-        "superlinear": superlinear,
-        "superlinear_threshold": threshold,
-        "problems": problems,
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "machine": machine_description(),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-    }
-    print(json.dumps(summary))
-    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The fixture starts one master and one worker on 127.0.0.1 from the installed
 pyspark. pyspark allows one SparkContext per process and the suite's ``spark``
 fixture is a local one, so the cluster-mode run happens in a child process:
-this file run as a script (see ``main``) with ``SNAKECLEF_SPARK_MASTER`` set.
+this file run as a script (see ``run_cluster_job``) with ``SNAKECLEF_SPARK_MASTER`` set.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def stop_daemon(process: subprocess.Popen) -> None:
 
 
 def wait_for_workers(cluster: StandaloneCluster, daemons: list[subprocess.Popen], count: int) -> None:
-    """Block until ``count`` workers are ALIVE at the master; raise if a daemon exits or time runs out."""
+    """Block until ``count`` workers are ALIVE at the master. Raise if a daemon exits or time runs out."""
     deadline = time.monotonic() + SPARK_STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         for daemon in daemons:
@@ -99,8 +99,8 @@ def wait_for_workers(cluster: StandaloneCluster, daemons: list[subprocess.Popen]
         try:
             if cluster.status().get("aliveworkers", 0) >= count:
                 return
-        except OSError:
-            pass  # The master's web UI is not up yet.
+        except (OSError, ValueError):
+            pass  # The master's web UI is not up yet, or sent an incomplete page while starting.
         time.sleep(0.5)
     raise TimeoutError(f"{count} Spark worker(s) did not register within {SPARK_STARTUP_TIMEOUT_S} s\n{cluster.logs()}")
 
@@ -109,24 +109,22 @@ def daemon_environment(tmp_path: Path) -> dict[str, str]:
     """Return the environment for the daemons: loopback only, logs and scratch space under ``tmp_path``."""
     conf_dir = tmp_path / "conf"
     conf_dir.mkdir()
-    # The master's REST submission server listens on a fixed port (6066) by default.
+    # Without this, the master of pyspark 4.3 also starts its REST submission server on the fixed port 6066.
     (conf_dir / "spark-defaults.conf").write_text("spark.master.rest.enabled false\n")
     env = dict(os.environ)
     env.update(
         SPARK_LOCAL_IP="127.0.0.1",
         SPARK_CONF_DIR=str(conf_dir),
         SPARK_LOG_DIR=str(tmp_path / "logs"),
-        SPARK_NO_DAEMONIZE="1",
         PYSPARK_PYTHON=sys.executable,
     )
-    env.pop("SPARK_HOME", None)
     return env
 
 
 
 @pytest.fixture
 def spark_cluster(tmp_path):
-    """A standalone master and one worker (1 core, 2 GiB) on 127.0.0.1; both are stopped at teardown."""
+    """A standalone master and one worker (1 core, 2 GiB) on 127.0.0.1, both stopped at teardown even when the test fails."""
     spark_class = find_spark_class()
     env = daemon_environment(tmp_path)
     log_dir = tmp_path / "logs"
@@ -160,7 +158,7 @@ def spark_cluster(tmp_path):
 
 
 def write_image_records(folder: Path, *, n_files: int = 3, per_file: int = 5, size: int = 48) -> list[str]:
-    """Write image-record Parquet files of small JPEGs plus one truncated JPEG; return the image paths."""
+    """Write image-record Parquet files of small JPEGs plus one truncated JPEG, and return the image paths."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
@@ -214,13 +212,22 @@ def test_embed_cluster_matches_local(spark_cluster, spark, tiny_backbone, tmp_pa
     image_paths = write_image_records(images)
     local_output = tmp_path / "embeddings-local"
     cluster_output = tmp_path / "embeddings-cluster"
-    embed_images(spark, str(images), str(local_output), backbone=str(tiny_backbone), **EMBED_OPTIONS)
-
     job_result = tmp_path / "cluster-job.json"
+    job_log = tmp_path / "cluster-job.log"
+
+    # The cluster job starts first and runs while this process embeds in local mode.
     command = [sys.executable, __file__, str(images), str(cluster_output), str(tiny_backbone), str(job_result)]
     env = dict(os.environ, SNAKECLEF_SPARK_MASTER=spark_cluster.master_url, SPARK_LOCAL_IP="127.0.0.1")
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    assert completed.returncode == 0, completed.stderr[-6000:] + "\n" + spark_cluster.logs()
+    with open(job_log, "wb") as log:
+        job_process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        embed_images(spark, str(images), str(local_output), backbone=str(tiny_backbone), **EMBED_OPTIONS)
+        returncode = job_process.wait(timeout=JOB_TIMEOUT_S)
+    finally:
+        if job_process.poll() is None:
+            job_process.kill()
+            job_process.wait()
+    assert returncode == 0, job_log.read_text(errors="replace")[-6000:] + "\n" + spark_cluster.logs()
 
     # The job ran on the cluster: its driver used the master URL, the master lists the
     # application, and the worker started an executor for it.
