@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--master", default="local[2]", help="Spark master for (b) and (c)")
     parser.add_argument("--task-cpus", type=int, default=1, help="spark.task.cpus: cores (torch threads) per Spark task")
     parser.add_argument("--partitions", type=int, default=4, help="Parquet files written by the ingest stage")
-    parser.add_argument("--reference-images", type=int, default=0, help="images for (c); 0 means all")
+    parser.add_argument("--max-images", type=int, default=0, help="use only the first N images of the index for (a) and (b); 0 means all")
+    parser.add_argument("--reference-images", type=int, default=0, help="images for (c), the first N of those used for (b); 0 means all")
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd model for (a)")
     parser.add_argument("--skip-reference", action="store_true", help="skip (c)")
     parser.add_argument("--workdir", default=None, help="folder for the Parquet data (default: a temporary folder)")
@@ -204,7 +205,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-embed-"))
     images_path = workdir / "images"
-    ingest_folder(args.dataset, images_path, partitions=args.partitions)
+    dataset = Path(args.dataset)
+    if args.max_images:
+        # A shorter index.csv beside a link to each image keeps the ingest stage's folder layout.
+        dataset = workdir / "dataset"
+        index = pd.read_csv(Path(args.dataset) / "index.csv").head(args.max_images)
+        for relative in index["image_path"]:
+            link = dataset / relative
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(Path(args.dataset).resolve() / relative)
+        index.to_csv(dataset / "index.csv", index=False)
+    ingest_folder(dataset, images_path, partitions=args.partitions)
     import pyarrow.parquet as pq
 
     image_bytes = pq.read_table(images_path, columns=["data"]).column("data").to_pylist()

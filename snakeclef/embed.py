@@ -58,7 +58,7 @@ FEATURE_FIELDS = [
 
 @dataclasses.dataclass(frozen=True)
 class EmbedSettings:
-    """Settings a Python worker builds its feature extractor from, saved in the plan so a rerun can check them."""
+    """Settings a Python worker builds its feature extractor from."""
 
     backbone: str
     device: str
@@ -338,10 +338,9 @@ def embed_images(
     settings = EmbedSettings(str(backbone), device, precision, dct_k, batch_size, num_threads)
 
     files = sorted(images.inputFiles())
-    plan = read_or_make_plan(
-        output,
-        {"settings": dataclasses.asdict(settings), "chunks": plan_chunks(files, count_file_rows(spark, files), chunk_size)},
-    )
+    # Only settings that change the features decide whether finished chunks can be kept.
+    feature_settings = {key: getattr(settings, key) for key in ("backbone", "device", "precision", "dct_k")}
+    plan = read_or_make_plan(output, {"settings": feature_settings, "chunks": plan_chunks(files, count_file_rows(spark, files), chunk_size)})
     markers, profile = run_chunks(spark, plan, output, images.schema, settings, arrow_batch_size or 2 * batch_size)
 
     report = make_report(plan, markers, profile, settings, hidden_size, time.perf_counter() - started)

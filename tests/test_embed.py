@@ -251,11 +251,16 @@ def test_embed_resumes_after_sigkill(spark, chunked_records, tiny_backbone, tmp_
 
 def test_embed_settings_change_restarts(spark, chunked_records, tiny_backbone, tmp_path, caplog):
     output = tmp_path / "out"
-    options = dict(backbone=str(tiny_backbone), precision="fp32", batch_size=4, chunk_size=10)
-    embed_images(spark, str(chunked_records), str(output), dct_k=4, **options)
+    options = dict(backbone=str(tiny_backbone), precision="fp32", chunk_size=10)
+    embed_images(spark, str(chunked_records), str(output), dct_k=4, batch_size=4, **options)
+    (output / "_SUCCESS").unlink()
+    # The batch size does not change the features, so finished chunks are kept.
+    kept = embed_images(spark, str(chunked_records), str(output), dct_k=4, batch_size=2, **options)
+    assert kept["chunks_computed"] == 0
+    assert kept["chunks_reused"] == kept["chunks"]
     (output / "_SUCCESS").unlink()
     with caplog.at_level(logging.WARNING, logger="snakeclef.embed"):
-        report = embed_images(spark, str(chunked_records), str(output), dct_k=2, **options)
+        report = embed_images(spark, str(chunked_records), str(output), dct_k=2, batch_size=4, **options)
     assert "started with other inputs or settings" in caplog.text
     assert report["chunks_reused"] == 0
     assert len(read_embeddings(output)) == 25
