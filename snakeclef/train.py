@@ -327,7 +327,9 @@ def train_classifier(
     train_loader = make_loader(train_x, train_y, batch_size=batch_size, shuffle=True, seed=seed)
     val_loader = make_loader(val_x, val_y, batch_size=max(batch_size, 8192), shuffle=False) if len(val_y) else None
 
-    work_dir = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.work-", dir=model_dir.parent if model_dir.parent.exists() else None))
+    # The work folder sits beside model_dir, so its log moves into the model folder with a rename.
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.work-", dir=model_dir.parent))
     try:
         fit = _fit(module, train_loader, val_loader, work_dir=work_dir, learning_rate=learning_rate, max_epochs=max_epochs, patience=patience)
         metrics = {
