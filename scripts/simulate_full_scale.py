@@ -19,12 +19,17 @@ Each stage runs in its own child process. This process samples the summed
 resident memory (RSS) of that child and all its descendants (for Spark: the
 JVM and its Python workers), so a stage's peak includes its imports. RSS
 counts pages shared between processes once per process, so the sum is an
-upper bound. Seconds are measured inside the child around the stage call.
+upper bound. Seconds are measured inside the child around the stage call
+(for ``aggregate_*``, around ``decide_observations`` alone, without loading
+the log-probabilities).
 
 For every pair of consecutive scales the script computes each stage's growth
-exponent ``log(t2 / t1) / log(n2 / n1)`` (1 = linear in its items) and flags
-stages whose exponent exceeds ``--superlinear-threshold``. Fixed start-up costs
-push the exponent below 1 at small scales, so use scales at least 5x apart.
+exponent ``log(t2 / t1) / log(n2 / n1)`` (1 = linear) and flags stages whose
+exponent exceeds ``--superlinear-threshold``. ``n`` is the stage's items
+(images, training rows times epochs, observations), multiplied by the number of
+classes for the stages whose cost grows with the classifier's width. Fixed
+start-up costs push the exponent below 1 at small scales, so use scales at
+least 5x apart. ``--combine`` merges the outputs of separate runs.
 
 The last output line is one JSON object with per-stage seconds and peak MB per scale.
 
