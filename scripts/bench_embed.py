@@ -76,10 +76,12 @@ class PeakMemory:
 
 
 def make_batches(backbone_path: str, image_bytes: list[bytes], batch_size: int) -> list[torch.Tensor]:
-    """Preprocess images into bf16 batches of ``(batch_size, 3, H, W)``, ready for the model."""
+    """Preprocess images into bf16 batches of ``(batch_size, 3, H, W)``, ready for the model, dropping a partial last batch."""
     config = load_preprocess_config(backbone_path)
     pixel_values = torch.from_numpy(np.stack([load_pixel_values(data, config) for data in image_bytes]))
-    return [pixel_values[start : start + batch_size].to(torch.bfloat16) for start in range(0, len(pixel_values), batch_size)]
+    batches = [pixel_values[start : start + batch_size].to(torch.bfloat16) for start in range(0, len(pixel_values), batch_size)]
+    # Full batches only: a smaller last batch makes a compiled model recompile inside the timed loop.
+    return [batch for batch in batches if len(batch) == batch_size] or batches
 
 
 def time_forward(model, batches: list[torch.Tensor], barrier=None) -> float:
