@@ -232,6 +232,13 @@ def embed_chunk(spark: SparkSession, chunk: dict, output: Path, schema: T.Struct
         shutil.rmtree(temporary, ignore_errors=True)
 
     errors = read_errors(output, names)
+    if errors.num_rows != chunk["rows"]:
+        # On a multi-node cluster, executors write where the driver cannot see
+        # unless the output folder is on a filesystem shared by every node.
+        raise RuntimeError(
+            f"chunk {index} of {output}: {chunk['rows']} input rows but {errors.num_rows} embedding rows found "
+            "after the write; put the output on a filesystem that every Spark node shares"
+        )
     marker = {
         "index": index,
         "files": names,
