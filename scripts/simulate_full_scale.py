@@ -359,21 +359,21 @@ def stage_log_probs(work: Path, args: argparse.Namespace) -> dict:
 
 def stage_aggregate(work: Path, args: argparse.Namespace, *, aggregate: str, decision: str) -> dict:
     from snakeclef.models.classifier import load_classifier
-    from snakeclef.predict import decide_observations, make_cost_matrix, normalise_prior, read_venomous_flags, write_submission
+    from snakeclef.predict import decide_observations, normalise_prior, read_venomous_flags, write_submission
 
     classifier = load_classifier(work / "model")
     class_ids = [int(class_id) for class_id in classifier.label_map.class_ids]
     log_probs = np.load(work / "log_probs.npy")
     observation_ids = np.load(work / "observation_ids.npy")
-    cost_matrix = None
+    venomous = None
     if decision == "min-cost":
-        cost_matrix = make_cost_matrix(read_venomous_flags(work / "venomous_status_list.csv", class_ids))
+        venomous = read_venomous_flags(work / "venomous_status_list.csv", class_ids)
 
     started = time.perf_counter()
     submission = decide_observations(
         observation_ids.tolist(), log_probs, np.zeros(len(observation_ids), dtype=bool), class_ids=class_ids,
         class_prior=normalise_prior(classifier.class_prior, len(class_ids)), aggregate=aggregate, decision=decision,
-        cost_matrix=cost_matrix,
+        venomous=venomous,
     )
     seconds = time.perf_counter() - started
     write_submission(submission, work / f"submission_{aggregate}_{decision}.csv")

@@ -77,26 +77,43 @@ def make_cost_matrix(venomous: Sequence[bool] | np.ndarray) -> np.ndarray:
     return cost
 
 
-def decide(probs: np.ndarray, *, decision: str = "argmax", cost_matrix: np.ndarray | None = None) -> np.ndarray:
+def expected_costs(probs: np.ndarray, venomous: Sequence[bool] | np.ndarray) -> np.ndarray:
+    """Return the expected SnakeCLEF cost of predicting each class, shape (n, n_classes).
+
+    Equals ``probs @ make_cost_matrix(venomous)`` in O(n_classes) per row instead
+    of O(n_classes**2): a mistake's cost depends only on whether the true and the
+    predicted class are venomous, so for a prediction c the sum over true
+    classes reduces to the harmless and venomous probability masses, minus the
+    term for t == c, which costs nothing.
+    """
+    venomous = np.asarray(venomous, dtype=bool)
+    if venomous.shape != (probs.shape[1],):
+        raise ValueError(
+            f"{venomous.size} venomous flags do not match {probs.shape[1]} classes: "
+            "take the flags for the classifier's own label map."
+        )
+    costs = np.array([[MISTAKE_COSTS[t, c] for c in (False, True)] for t in (False, True)], dtype=np.float64)
+    mass = np.stack([probs[:, ~venomous].sum(axis=1), probs[:, venomous].sum(axis=1)], axis=1)
+    v = venomous.astype(int)
+    return mass @ costs[:, v] - probs * costs[v, v]
+
+
+def decide(probs: np.ndarray, *, decision: str = "argmax", venomous: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
     """Pick one class index per row of ``probs`` (n, n_classes); returns (n,) int64.
 
-    ``min-cost`` picks ``argmin_c sum_t probs[t] * cost_matrix[t, c]``; ties go
-    to the lower class index, as with ``argmax``.
+    ``min-cost`` picks ``argmin_c sum_t probs[t] * cost[t, c]`` with the
+    SnakeCLEF costs of :func:`make_cost_matrix`; ``venomous`` gives one flag
+    per class in label-map order. Ties go to the lower class index, as with
+    ``argmax``.
     """
     check_choice("decision", decision, DECISIONS)
     probs = np.atleast_2d(np.asarray(probs, dtype=np.float64))
     if decision == "argmax":
         return probs.argmax(axis=1)
 
-    if cost_matrix is None:
-        raise ValueError("decision='min-cost' needs a cost matrix: pass a venomous status list (--venomous-list).")
-    if cost_matrix.shape != (probs.shape[1], probs.shape[1]):
-        raise ValueError(
-            f"Cost matrix of shape {cost_matrix.shape} does not match {probs.shape[1]} classes: "
-            "build it from the venomous flags of the same label map."
-        )
-    expected_cost = probs @ cost_matrix
-    return expected_cost.argmin(axis=1)
+    if venomous is None:
+        raise ValueError("decision='min-cost' needs the venomous flags of the classes: pass a venomous status list (--venomous-list).")
+    return expected_costs(probs, venomous).argmin(axis=1)
 
 
 def mode_first_tiebreak(class_indices: Sequence[int]) -> int:
@@ -116,7 +133,7 @@ def aggregate_observation(
     *,
     aggregate: str = "mode",
     decision: str = "argmax",
-    cost_matrix: np.ndarray | None = None,
+    venomous: Sequence[bool] | np.ndarray | None = None,
 ) -> int:
     """Pick one class index for an observation from its images' log-probabilities (n_images, n_classes)."""
     check_choice("aggregate", aggregate, AGGREGATES)
@@ -125,10 +142,10 @@ def aggregate_observation(
         raise ValueError(f"Expected log-probabilities of shape (n_images >= 1, n_classes), got {probs.shape}.")
 
     if aggregate == "mode":
-        per_image = decide(probs, decision=decision, cost_matrix=cost_matrix)
+        per_image = decide(probs, decision=decision, venomous=venomous)
         return mode_first_tiebreak(per_image.tolist())
     mean_probs = probs.mean(axis=0, keepdims=True)
-    return int(decide(mean_probs, decision=decision, cost_matrix=cost_matrix)[0])
+    return int(decide(mean_probs, decision=decision, venomous=venomous)[0])
 
 
 def normalise_prior(class_prior: Sequence[float] | np.ndarray | None, n_classes: int) -> np.ndarray:
@@ -222,7 +239,7 @@ def decide_observations(
     class_prior: np.ndarray,
     aggregate: str = "mode",
     decision: str = "argmax",
-    cost_matrix: np.ndarray | None = None,
+    venomous: Sequence[bool] | np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Return one ``observation_id, class_id`` row per observation, in order of first appearance.
 
@@ -233,14 +250,14 @@ def decide_observations(
     check_choice("aggregate", aggregate, AGGREGATES)
     check_choice("decision", decision, DECISIONS)
     failed = np.asarray(failed, dtype=bool)
-    prior_choice = int(decide(class_prior[None, :], decision=decision, cost_matrix=cost_matrix)[0])
+    prior_choice = int(decide(class_prior[None, :], decision=decision, venomous=venomous)[0])
 
     rows = []
     unreadable = []
     for observation_id, positions in group_observations(observation_ids).items():
         usable = [position for position in positions if not failed[position]]
         if usable:
-            index = aggregate_observation(log_probs[usable], aggregate=aggregate, decision=decision, cost_matrix=cost_matrix)
+            index = aggregate_observation(log_probs[usable], aggregate=aggregate, decision=decision, venomous=venomous)
         else:
             unreadable.append(observation_id)
             index = prior_choice
@@ -403,7 +420,7 @@ def predict_submission(
     metadata = read_prediction_metadata(metadata_csv, split=split)
     classifier = load_classifier(model_dir)
     class_ids = class_ids_of(classifier)
-    cost_matrix = make_cost_matrix(read_venomous_flags(venomous_list, class_ids)) if venomous_list is not None else None
+    venomous = read_venomous_flags(venomous_list, class_ids) if venomous_list is not None else None
     # model.json may lack class_counts (a hand-made model folder); normalise_prior then falls back to uniform.
     class_prior = normalise_prior(classifier.info.get("class_counts"), len(class_ids))
 
@@ -426,7 +443,7 @@ def predict_submission(
 
     submission = decide_observations(
         metadata["observation_id"].tolist(), log_probs, [error is not None for error in errors],
-        class_ids=class_ids, class_prior=class_prior, aggregate=aggregate, decision=decision, cost_matrix=cost_matrix,
+        class_ids=class_ids, class_prior=class_prior, aggregate=aggregate, decision=decision, venomous=venomous,
     )
     write_submission(submission, output_csv)
 

@@ -10,6 +10,7 @@ from snakeclef.predict import (
     aggregate_observation,
     decide,
     decide_observations,
+    expected_costs,
     make_cost_matrix,
     mode_first_tiebreak,
     normalise_prior,
@@ -72,29 +73,35 @@ def test_cost_matrix_values():
     np.testing.assert_array_equal(cost, expected)
 
 
+def test_expected_costs_match_cost_matrix():
+    rng = np.random.default_rng(0)
+    venomous = rng.random(50) < 0.3
+    probs = rng.dirichlet(np.ones(50), size=20)
+    np.testing.assert_allclose(expected_costs(probs, venomous), probs @ make_cost_matrix(venomous), atol=1e-12)
+
+
 def test_min_cost_picks_venomous():
     # Class 0 harmless with p = 0.55, class 1 venomous with p = 0.45.
     # Predicting 0 costs 0.45 * 5 = 2.25 (venomous taken for harmless); predicting 1 costs 0.55 * 2 = 1.10.
     probs = np.array([[0.55, 0.45]])
-    cost = make_cost_matrix([False, True])
     assert decide(probs, decision="argmax")[0] == 0
-    assert decide(probs, decision="min-cost", cost_matrix=cost)[0] == 1
+    assert decide(probs, decision="min-cost", venomous=[False, True])[0] == 1
 
 
 def test_min_cost_keeps_confident_harmless():
     # Class 0 harmless with p = 0.8: predicting 0 costs 0.2 * 5 = 1.0, predicting 1 costs 0.8 * 2 = 1.6.
     probs = np.array([[0.8, 0.2]])
-    assert decide(probs, decision="min-cost", cost_matrix=make_cost_matrix([False, True]))[0] == 0
+    assert decide(probs, decision="min-cost", venomous=[False, True])[0] == 0
 
 
 def test_min_cost_without_costs_rejected():
-    with pytest.raises(ValueError, match="needs a cost matrix"):
+    with pytest.raises(ValueError, match="needs the venomous flags"):
         decide(np.array([[0.5, 0.5]]), decision="min-cost")
 
 
 def test_min_cost_shape_mismatch_rejected():
-    with pytest.raises(ValueError, match="does not match 3 classes"):
-        decide(np.full((1, 3), 1 / 3), decision="min-cost", cost_matrix=make_cost_matrix([False, True]))
+    with pytest.raises(ValueError, match="2 venomous flags do not match 3 classes"):
+        decide(np.full((1, 3), 1 / 3), decision="min-cost", venomous=[False, True])
 
 
 def test_invalid_options_rejected():
@@ -125,12 +132,11 @@ def test_observations_one_row_each():
 def test_all_failed_uses_min_cost_prior():
     # Prior 0.6 harmless / 0.4 venomous: argmax picks harmless, min-cost picks venomous (0.6*2 < 0.4*5).
     class_ids = [7, 1500]
-    cost = make_cost_matrix([False, True])
     log_probs = np.full((1, 2), np.nan)
     prior = np.array([0.6, 0.4])
     argmax_rows = decide_observations([5], log_probs, [True], class_ids=class_ids, class_prior=prior)
     min_cost_rows = decide_observations(
-        [5], log_probs, [True], class_ids=class_ids, class_prior=prior, decision="min-cost", cost_matrix=cost
+        [5], log_probs, [True], class_ids=class_ids, class_prior=prior, decision="min-cost", venomous=[False, True]
     )
     assert argmax_rows["class_id"].tolist() == [7]
     assert min_cost_rows["class_id"].tolist() == [1500]
