@@ -319,12 +319,15 @@ def predict_log_probs(
     extractor,
     classifier,
     batch_size: int = 32,
+    calibrated: bool = False,
     progress=None,
 ) -> tuple[np.ndarray, list[str | None]]:
     """Run image files through the backbone and classifier, a chunk of files in memory at a time.
 
     Returns log-probabilities (n_images, n_classes) float32, with rows of
     failed images left as NaN, and one error message (or None) per image.
+    ``calibrated`` selects the classifier's probabilities calibrated to the
+    training class frequencies instead of its default scores.
     A background thread reads the next chunk's files while the current one
     is embedded; everything stays in this process.
     """
@@ -350,7 +353,7 @@ def predict_log_probs(
             positions = [start + offset for offset, (data, _) in enumerate(files) if data is not None]
             if positions:
                 chunk_log_probs, chunk_errors = classify_images(
-                    [files[p - start][0] for p in positions], extractor=extractor, classifier=classifier
+                    [files[p - start][0] for p in positions], extractor=extractor, classifier=classifier, calibrated=calibrated
                 )
                 log_probs[positions] = chunk_log_probs
                 for position, error in zip(positions, chunk_errors):
@@ -360,14 +363,15 @@ def predict_log_probs(
     return log_probs, errors
 
 
-def classify_images(images: Sequence[bytes], *, extractor, classifier) -> tuple[np.ndarray, list[str | None]]:
+def classify_images(images: Sequence[bytes], *, extractor, classifier, calibrated: bool = False) -> tuple[np.ndarray, list[str | None]]:
     """Embed encoded images and classify them: log-probabilities (n, n_classes), NaN rows where an image failed."""
     batch = extractor.embed(list(images))
     features = np.asarray(getattr(batch, classifier.feature), dtype=np.float32)
     log_probs = np.full((len(images), len(class_ids_of(classifier))), np.nan, dtype=np.float32)
     ok = [i for i, error in enumerate(batch.errors) if error is None]
     if ok:
-        log_probs[ok] = classifier.log_probs(features[ok])
+        scores = classifier.calibrated_log_probs if calibrated else classifier.log_probs
+        log_probs[ok] = scores(features[ok])
     return log_probs, list(batch.errors)
 
 
@@ -437,6 +441,9 @@ def predict_submission(
         log_probs, errors = predict_log_probs(
             metadata["image_path"].tolist(), images_root,
             extractor=extractor, classifier=classifier, batch_size=batch_size, progress=bar,
+            # An expected cost needs probabilities of the classes as they occur, not the
+            # prior-free scores that logit adjustment gives for argmax and macro-F1.
+            calibrated=decision == "min-cost",
         )
     forward_seconds = time.perf_counter() - forward_started
     log_failures(metadata["image_path"].tolist(), errors)
