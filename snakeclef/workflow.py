@@ -132,7 +132,7 @@ class Stage(luigi.Task):
         if not storage.is_gcs(self.output_root):
             return local
         if Path(parts[-1]).suffix:
-            # A single file (submission.csv): the local mirror holds it when this machine wrote it.
+            # A single file (submission.csv): the local mirror already contains it when this machine wrote it.
             if not local.is_file():
                 bucket, key = storage.split_gcs(self.uri(*parts))
                 local.parent.mkdir(parents=True, exist_ok=True)
@@ -154,13 +154,6 @@ class Stage(luigi.Task):
             bucket, key = storage.split_gcs(self.uri(*parts))
             storage.make_gcs_client().bucket(bucket).blob(key).upload_from_filename(str(local))
 
-    def save_params(self, *parts: str) -> None:
-        """Write the task's resolved parameters beside its output, as ``_params.json``."""
-        target = self.local(*parts)
-        folder = target if target.is_dir() else target.parent
-        params = {"task": self.get_task_family(), **self.to_str_params()}
-        (folder / f"_{self.get_task_family().lower()}_params.json").write_text(json.dumps(params, indent=2) + "\n")
-
 
 class Download(luigi.Task):
     """Copy a gs:// prefix (or a local folder) to a local folder, verifying every file."""
@@ -178,7 +171,7 @@ class Download(luigi.Task):
 
 
 class InputParams:
-    """Where the labelled images come from; shared by every task of the chain."""
+    """Parameters naming the labelled input images; shared by every task of the chain."""
 
     dataset = luigi.Parameter(default="", description="Folder (or gs:// prefix) with index.csv and the images it lists.")
     archive = PathListParameter(default=(), description="Image archives (.tar, .tar.gz; local or gs://), comma-separated.")
@@ -372,7 +365,7 @@ class EvalSet(PredictParams, ChainedStage):
 
 
 def _venomous_list(task: Stage) -> str:
-    """The venomous list: --venomous-list, else DATASET/venomous_status.csv, else the flags the eval set took from the records."""
+    """Return the venomous list: --venomous-list, else DATASET/venomous_status.csv, else the eval set's flags from the records."""
     if task.venomous_list:
         return task.venomous_list
     if task.dataset:
@@ -416,7 +409,7 @@ class Predict(PredictParams, ChainedStage):
 
 
 def _local_file(task: Stage, uri: str) -> Path:
-    """A local copy of a small input file that may be a gs:// URI."""
+    """Return a local copy of a small input file that may be a gs:// URI."""
     if not storage.is_gcs(uri):
         return Path(storage.strip_file_scheme(uri))
     local = _raw_path(task, uri, is_file=True)
