@@ -90,7 +90,7 @@ def test_ingest_command_line_output(synthetic_dataset, tmp_path):
     assert (output / "_ingest_report.json").is_file()
 
 
-def write_subset(ph_snakes, root, *, n_species: int = 5, n_train: int = 12, n_val: int = 4):
+def write_subset(ph_snakes, root, *, n_species: int = 5, n_train: int = 40, n_val: int = 8):
     """A dataset folder that links to real photos: the first ``n_species`` species, a few images each."""
     index = pd.read_csv(ph_snakes / "index.csv")
     species = sorted(index["binomial_name"].unique())[:n_species]
@@ -116,10 +116,10 @@ def test_pipeline_real_photos(spark, ph_snakes, dinov2_small, tmp_path):
     assert result.status == luigi.execution_summary.LuigiStatusCode.SUCCESS, result.summary_text
 
     submission = read_submission(root / "submission.csv")
-    assert len(submission) == 5 * 4
+    assert len(submission) == 5 * 8
     known_ids = set(pd.read_csv(ph_snakes / "venomous_status.csv")["class_id"])
     assert set(submission["class_id"]) <= known_ids
 
     metrics = json.loads((root / "metrics.json").read_text())
-    # Five species: chance is 20.
-    assert metrics["accuracy"] >= 60, metrics
+    # Five species: chance is 20. The full dataset scores about 65 over 14 species.
+    assert metrics["accuracy"] >= 50, metrics
