@@ -273,6 +273,8 @@ def train_classifier(
     class_weight_beta: float = 0.999,
     weight_decay: float = 0.0,
     val_fraction: float = 0.2,
+    holdout_split: str | None = None,
+    refit: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train the linear classifier on ``embeddings_path`` and write the model folder ``model_dir``; return its metrics.
@@ -289,7 +291,13 @@ def train_classifier(
     scripts/compare_training_options.py on ph-snakes dinov2-small embeddings
     and on a long-tailed subsample of their train split. A finished ``model_dir`` is left as it is and its
     metrics returned unless ``overwrite``. The same seed and data give the
-    same weights and validation figures.
+    same weights and validation figures. Rows whose split is
+    ``holdout_split`` (the pipeline's evaluation split) are left out of
+    training, validation and the learning-rate search, so the evaluation
+    scores stay held out. With ``refit``, the saved model is trained again
+    from scratch on the training and validation rows together, for the best
+    epoch count and at the learning rate that validation chose; the reported
+    validation figures are those of the selection run.
     """
     _check_options(feature=feature, imbalance=imbalance, batch_size=batch_size, max_epochs=max_epochs, learning_rate=learning_rate)
     model_dir = Path(storage.strip_file_scheme(model_dir))
@@ -301,6 +309,8 @@ def train_classifier(
 
     embed_report = _read_embed_report(embeddings_path)
     data = read_embeddings(embeddings_path, feature=feature)
+    if holdout_split is not None:
+        data = _drop_split(data, holdout_split)
     _check_feature_width(data.features.shape[1], embed_report, feature=feature, source=str(embeddings_path))
     train_rows, val_rows, split_source = split_train_val(data.class_ids, data.split, seed=seed, val_fraction=val_fraction)
     if len(train_rows) == 0:
@@ -321,13 +331,16 @@ def train_classifier(
     del data
 
     L.seed_everything(seed, workers=False, verbose=False)
-    module = LinearClassifierModule(
-        train_x.shape[1],
-        len(label_map),
-        learning_rate or DEFAULT_LEARNING_RATE,
-        weight_decay=weight_decay,
-        **_imbalance_tensors(class_counts, imbalance=imbalance, tau=logit_adjustment_tau, beta=class_weight_beta),
-    )
+    def make_module() -> LinearClassifierModule:
+        return LinearClassifierModule(
+            train_x.shape[1],
+            len(label_map),
+            learning_rate or DEFAULT_LEARNING_RATE,
+            weight_decay=weight_decay,
+            **_imbalance_tensors(class_counts, imbalance=imbalance, tau=logit_adjustment_tau, beta=class_weight_beta),
+        )
+
+    module = make_module()
     batch_size = batch_size or default_batch_size(len(train_y))
     train_loader = make_loader(train_x, train_y, batch_size=batch_size, shuffle=True, seed=seed)
     val_loader = make_loader(val_x, val_y, batch_size=max(batch_size, 8192), shuffle=False) if len(val_y) else None
@@ -337,6 +350,12 @@ def train_classifier(
     work_dir = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.work-", dir=model_dir.parent))
     try:
         fit = _fit(module, train_loader, val_loader, work_dir=work_dir, learning_rate=learning_rate, max_epochs=max_epochs, patience=patience)
+        if refit and len(val_y):
+            L.seed_everything(seed, workers=False, verbose=False)
+            module = make_module()
+            module.learning_rate = fit["learning_rate"]
+            all_loader = make_loader(torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), batch_size=batch_size, shuffle=True, seed=seed)
+            _refit(module, all_loader, epochs=fit["best_epoch"] + 1, work_dir=work_dir)
         metrics = {
             **fit,
             "split": split_source,
@@ -351,7 +370,8 @@ def train_classifier(
             "batch_size": batch_size, "patience": patience, "seed": seed, "standardize": standardize, "imbalance": imbalance,
             "logit_adjustment_tau": logit_adjustment_tau if imbalance == "logit_adjustment" else None,
             "class_weight_beta": class_weight_beta if imbalance == "class_weights" else None,
-            "weight_decay": weight_decay, "val_fraction": val_fraction,
+            "weight_decay": weight_decay, "val_fraction": val_fraction, "holdout_split": holdout_split,
+            "refit_on_train_and_val": bool(refit and len(val_y)),
         }
         info = {
             "backbone": embed_report.get("backbone"), "hidden_size": embed_report.get("hidden_size"),
@@ -369,6 +389,18 @@ def train_classifier(
         shutil.rmtree(work_dir, ignore_errors=True)
     logger.info("Trained %s classifier in %.1f s: %s", feature, metrics["train_seconds"], {k: metrics[k] for k in ("val_accuracy", "val_macro_f1")})
     return metrics
+
+
+def _refit(module, loader, *, epochs: int, work_dir: Path) -> None:
+    """Train ``module`` for a fixed number of epochs on ``loader``, with no validation, checkpoint or log."""
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, max_epochs=epochs, default_root_dir=work_dir / "refit", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, deterministic="warn",
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
+        trainer.fit(module, loader)
 
 
 def default_batch_size(n_train_rows: int) -> int:
@@ -456,6 +488,16 @@ def _epoch_metrics(csv_path: Path, epoch: int) -> dict[str, float]:
             if row.get("epoch") and int(row["epoch"]) == epoch:
                 merged.update({key: float(value) for key, value in row.items() if value and key not in ("epoch", "step")})
     return merged
+
+
+def _drop_split(data: EmbeddingData, holdout_split: str) -> EmbeddingData:
+    """Remove the rows of ``holdout_split``; they are counted as ``rows_held_out``."""
+    if data.split is None:
+        return data
+    keep = data.split != holdout_split
+    counts = {**data.counts, "rows_held_out": int((~keep).sum()), "rows_used": int(keep.sum())}
+    logger.info("Held out %d rows of split %r from training and validation", counts["rows_held_out"], holdout_split)
+    return EmbeddingData(features=data.features[keep], class_ids=data.class_ids[keep], split=data.split[keep], counts=counts)
 
 
 def _prepare_features(features: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray, *, standardize: bool):

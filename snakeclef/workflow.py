@@ -192,10 +192,10 @@ class TrainParams(EmbedParams):
     learning_rate = luigi.FloatParameter(default=0.0, description="Adam learning rate; 0 runs Lightning's learning-rate finder.")
     max_epochs = luigi.IntParameter(default=100, description="Upper bound on training epochs (early stopping usually ends sooner).")
     seed = luigi.IntParameter(default=0, description="Seed for the split, initialisation and data order.")
+    eval_split = luigi.Parameter(default="val", description="Value of the split column held out for prediction and scoring; never trained or validated on.")
 
 
 class PredictParams(TrainParams):
-    eval_split = luigi.Parameter(default="val", description="Value of the split column held out for prediction and scoring.")
     aggregate = luigi.ChoiceParameter(default="mode", choices=["mode", "mean"], description="How image predictions combine into one per observation.")
     decision = luigi.ChoiceParameter(default="argmax", choices=["argmax", "min-cost"], description="argmax, or the class with the lowest expected SnakeCLEF cost.")
     venomous_list = luigi.Parameter(default="", description="CSV of class_id with MIVS or venomous (0/1); default DATASET/venomous_status.csv, else the records' venomous column.")
@@ -344,6 +344,7 @@ class Train(TrainParams, ChainedStage):
             learning_rate=self.learning_rate or None,
             max_epochs=self.max_epochs,
             seed=self.seed,
+            holdout_split=self.eval_split,
         )
         self.publish("model")
 

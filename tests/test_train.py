@@ -111,8 +111,9 @@ def test_lr_finder_value_used(blobs_parquet, tmp_path, monkeypatch):
     metrics = train_classifier(blobs_parquet, tmp_path / "model", max_epochs=3, batch_size=8)
     info = json.loads((tmp_path / "model" / "model.json").read_text())
 
-    assert len(used_rates) == 2  # the finder's sweep, then the training
-    assert used_rates[-1] == metrics["learning_rate"]
+    assert len(used_rates) == 3  # the finder's sweep, the training, the refit on train + val
+    assert used_rates[1] == metrics["learning_rate"]
+    assert used_rates[2] == metrics["learning_rate"]
     assert metrics["learning_rate"] != train.DEFAULT_LEARNING_RATE
     assert info["options"]["learning_rate"] == metrics["learning_rate"]
     assert info["options"]["learning_rate_from_finder"] is True
@@ -270,3 +271,28 @@ def test_train_killed_then_rerun(tmp_path):
     for key in ("val_loss", "val_accuracy", "val_macro_f1", "best_epoch"):
         assert resumed.metrics[key] == reference.metrics[key], key
     assert sorted(p.name for p in model_dir.parent.iterdir()) == ["model"]
+
+
+def test_holdout_split_never_trained_on(tmp_path):
+    """Rows of the held-out split take no part in training or validation."""
+    rng = np.random.default_rng(0)
+    n_per_class, classes = 30, [3, 9]
+    rows = []
+    for class_id in classes:
+        for i in range(n_per_class):
+            split = "val" if i % 5 == 0 else "train"
+            rows.append({"image_path": f"{class_id}/{i}.jpg", "class_id": class_id, "split": split,
+                         "cls": (rng.normal(size=8) + class_id).astype(np.float32).tolist()})
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    import pandas as pd
+
+    pd.DataFrame(rows).assign(error=None).to_parquet(folder / "part-0.parquet")
+    (folder / "_embed_report.json").write_text(json.dumps({"backbone": "tiny", "hidden_size": 8, "dct_k": 2}))
+
+    metrics = train_classifier(folder, tmp_path / "model", learning_rate=0.01, max_epochs=2, holdout_split="val")
+
+    held_out = sum(row["split"] == "val" for row in rows)
+    assert metrics["rows_held_out"] == held_out
+    assert metrics["train_rows"] + metrics["val_rows"] == len(rows) - held_out
+    assert metrics["split"] != "split column"
