@@ -296,7 +296,7 @@ def train_classifier(
     training, validation and the learning-rate search, so the evaluation
     scores stay held out. With ``refit``, the saved model is trained again
     from scratch on the training and validation rows together, for the best
-    epoch count and at the learning rate that validation chose; the reported
+    epoch count and at the learning rate that validation chose. The reported
     validation figures are those of the selection run.
     """
     _check_options(feature=feature, imbalance=imbalance, batch_size=batch_size, max_epochs=max_epochs, learning_rate=learning_rate)
