@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,38 +21,6 @@ from snakeclef.data import download as download_module
 from snakeclef.data.download import SourceFile, crc32c_of_file, download
 
 BUCKET = "snakeclef-test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs_emulator(tmp_path_factory):
-    """A gcp-storage-emulator process on 127.0.0.1; yields its ``http://127.0.0.1:PORT`` address."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("emulator") / "emulator.log", "w")
-    process = subprocess.Popen(
-        ["gcp-storage-emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"gcp-storage-emulator did not start on 127.0.0.1:{port}; see {log.name}")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture
