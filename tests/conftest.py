@@ -153,3 +153,19 @@ def gcs_emulator(tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def stop_process_group(process) -> None:
+    """Stop a process started with ``start_new_session=True``: SIGTERM to its group, SIGKILL after 20 s."""
+    import os
+    import signal
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=20)

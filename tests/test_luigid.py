@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from conftest import stop_process_group
 
 LUIGID_STARTUP_TIMEOUT_S = 60
 PIPELINE_TIMEOUT_S = 600
@@ -99,18 +100,6 @@ def wait_for_scheduler(scheduler: CentralScheduler, process: subprocess.Popen) -
     raise TimeoutError(f"luigid did not respond on port {scheduler.port} within {LUIGID_STARTUP_TIMEOUT_S} s\n{scheduler.log()}")
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    """Stop a process started in its own session: SIGTERM to its process group, then SIGKILL after 20 s."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
-
-
 @pytest.fixture
 def central_scheduler(tmp_path):
     """``luigid`` on a free port of 127.0.0.1 that records task history in a SQLite file, stopped at teardown."""
@@ -133,7 +122,7 @@ def central_scheduler(tmp_path):
         wait_for_scheduler(scheduler, process)
         yield scheduler
     finally:
-        stop_process(process)
+        stop_process_group(process)
 
 
 # Non-zero exit codes for failures, so the command's status shows whether the run worked.

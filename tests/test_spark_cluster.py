@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import stop_process_group
 
 SPARK_STARTUP_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 240
@@ -75,18 +76,6 @@ def start_daemon(spark_class: Path, args: list[str], log_path: Path, env: dict[s
             env=env,
             start_new_session=True,
         )
-
-
-def stop_daemon(process: subprocess.Popen) -> None:
-    """Stop a daemon started by ``start_daemon``: SIGTERM to its process group, SIGKILL after 20 s."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
 
 
 def wait_for_workers(cluster: StandaloneCluster, daemons: list[subprocess.Popen], count: int) -> None:
@@ -154,7 +143,7 @@ def spark_cluster(tmp_path):
         yield cluster
     finally:
         for daemon in reversed(daemons):
-            stop_daemon(daemon)
+            stop_process_group(daemon)
 
 
 def write_image_records(folder: Path, *, n_files: int = 3, per_file: int = 5, size: int = 48) -> list[str]:
