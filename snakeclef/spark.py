@@ -67,9 +67,9 @@ def resolve_settings(master: str | None = None, settings: Mapping[str, str] | No
 def get_spark(master: str | None = None, settings: Mapping[str, str] | None = None, app_name: str = "snakeclef") -> SparkSession:
     """Return the process's SparkSession, creating it on first use.
 
-    A session that already exists is returned as it is (Spark cannot change
-    the master of a running session), so Luigi tasks in one process share it
-    and none of them stops it; it ends with the process.
+    A session that already exists is returned as it is, because Spark cannot
+    change the master of a running session. So Luigi tasks in one process
+    share it, none of them stops it, and it ends with the process.
     """
     active = SparkSession.getActiveSession()
     if active is not None:

@@ -49,7 +49,7 @@ def make_gcs_client():
     """Create a ``google.cloud.storage.Client``.
 
     With ``STORAGE_EMULATOR_HOST`` set (a local emulator), the client uses
-    anonymous credentials, so it never asks a credentials or metadata service.
+    anonymous credentials, so it never contacts a credentials or metadata service.
     """
     from google.cloud import storage
 

@@ -365,17 +365,17 @@ class EvalSet(PredictParams, ChainedStage):
         self.publish("eval")
 
 
-def _venomous_list(task: Stage) -> str:
-    """Return the venomous list: --venomous-list, else DATASET/venomous_status.csv, else the eval set's flags from the records."""
+def _venomous_list(task: Stage) -> Path | None:
+    """Return a local venomous list: --venomous-list, else DATASET/venomous_status.csv, else the eval set's flags from the records."""
     if task.venomous_list:
-        return task.venomous_list
+        return _local_file(task, task.venomous_list)
     if task.dataset:
         # A gs:// dataset has been downloaded whole to raw/ by then.
         default = _raw_path(task, task.dataset) / "venomous_status.csv"
         if default.is_file():
-            return str(default)
+            return default
     from_records = task.local("eval", "venomous_status.csv")
-    return str(from_records) if from_records.is_file() else ""
+    return from_records if from_records.is_file() else None
 
 
 class Predict(PredictParams, ChainedStage):
@@ -401,7 +401,7 @@ class Predict(PredictParams, ChainedStage):
             self.local("submission.csv"),
             aggregate=self.aggregate,
             decision=self.decision,
-            venomous_list=_local_file(self, venomous) if venomous else None,
+            venomous_list=venomous,
             batch_size=self.batch_size,
             device=self.device,
             precision=self.precision,
@@ -439,7 +439,7 @@ class Evaluate(PredictParams, ChainedStage):
         write_evaluation(
             self.fetch("submission.csv"),
             eval_dir / "ground_truth.csv",
-            _local_file(self, venomous),
+            venomous,
             output_dir=self.local(),
             plots_dir=self.local("plots"),
         )
