@@ -8,12 +8,16 @@ place when they finish, so a crash leaves no file that looks complete. A
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
+
+logger = logging.getLogger(__name__)
 
 GCS_SCHEME = "gs://"
 
@@ -93,9 +97,13 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
     Works for files and folders. On error the temporary path is removed and
     ``target`` is left as it was. An existing folder at ``target`` is replaced.
+    Temporaries of ``target`` left by a killed earlier write are deleted first,
+    so two processes must not write the same ``target`` at once: the later one
+    would delete the earlier one's temporary.
     """
     target = Path(strip_file_scheme(target))
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
@@ -107,6 +115,19 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete the temporaries of ``target`` that an earlier write left when it was killed (SIGKILL skips ``finally``)."""
+    pattern = re.compile(re.escape(f".{target.name}.tmp-") + "[0-9a-f]{8}")
+    for stale in target.parent.iterdir():
+        if not pattern.fullmatch(stale.name):
+            continue
+        logger.warning("Removing %s, left by an interrupted earlier write of %s", stale, target)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
