@@ -191,6 +191,7 @@ class TrainParams(EmbedParams):
     feature = luigi.ChoiceParameter(default="cls", choices=["cls", "dct"], description="Feature column the classifier reads.")
     learning_rate = luigi.FloatParameter(default=0.0, description="Adam learning rate; 0 runs Lightning's learning-rate finder.")
     max_epochs = luigi.IntParameter(default=100, description="Upper bound on training epochs (early stopping usually ends sooner).")
+    label_smoothing = luigi.FloatParameter(default=0.1, description="Label smoothing epsilon of the training loss; 0 for the plain NLL.")
     seed = luigi.IntParameter(default=0, description="Seed for the split, initialisation and data order.")
     eval_split = luigi.Parameter(default="val", description="Value of the split column held out for prediction and scoring; never trained or validated on.")
 
@@ -199,6 +200,10 @@ class PredictParams(TrainParams):
     aggregate = luigi.ChoiceParameter(default="mode", choices=["mode", "mean"], description="How image predictions combine into one per observation.")
     decision = luigi.ChoiceParameter(default="argmax", choices=["argmax", "min-cost"], description="argmax, or the class with the lowest expected SnakeCLEF cost.")
     venomous_list = luigi.Parameter(default="", description="CSV of class_id with MIVS or venomous (0/1); default DATASET/venomous_status.csv, else the records' venomous column.")
+    flip_tta = luigi.BoolParameter(
+        default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="Average each image's probabilities with its mirror image's (two backbone passes); --flip-tta false turns it off.",
+    )
 
 
 def _download_folder(task: Stage, uri: str) -> Path:
@@ -343,6 +348,7 @@ class Train(TrainParams, ChainedStage):
             feature=self.feature,
             learning_rate=self.learning_rate or None,
             max_epochs=self.max_epochs,
+            label_smoothing=self.label_smoothing,
             seed=self.seed,
             holdout_split=self.eval_split,
         )
@@ -405,6 +411,7 @@ class Predict(PredictParams, ChainedStage):
             batch_size=self.batch_size,
             device=self.device,
             precision=self.precision,
+            flip_tta=self.flip_tta,
         )
         self.publish("submission.csv")
 

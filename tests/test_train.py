@@ -194,6 +194,25 @@ def test_train_imbalance_options(tmp_path, imbalance):
     assert 0.0 <= metrics["val_macro_f1"] <= 1.0
 
 
+def test_label_smoothing_loss_by_hand():
+    module = train.LinearClassifierModule(4, 3, label_smoothing=0.2)
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -2.0]])
+    target = torch.tensor([0, 2])
+    log_p = torch.log_softmax(logits, dim=1)
+    nll = -log_p[torch.arange(2), target]
+    by_hand = (0.8 * nll - 0.2 * log_p.mean(dim=1)).mean()
+
+    torch.testing.assert_close(module._loss(logits, target, label_smoothing=0.2), by_hand)
+    torch.testing.assert_close(module._loss(logits, target), nll.mean())
+
+
+def test_label_smoothing_recorded_and_trains(blobs_parquet, tmp_path):
+    metrics = train_classifier(blobs_parquet, tmp_path / "model", learning_rate=0.05, max_epochs=3, label_smoothing=0.3)
+    info = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert info["options"]["label_smoothing"] == 0.3
+    assert metrics["val_accuracy"] > 0.9
+
+
 def test_train_rerun_is_noop(blobs_parquet, tmp_path):
     first = train_classifier(blobs_parquet, tmp_path / "model", learning_rate=0.05, max_epochs=2)
     stamp = (tmp_path / "model" / "_SUCCESS").stat().st_mtime_ns
@@ -220,7 +239,8 @@ def test_train_report_width_mismatch(blobs_parquet, tmp_path):
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [("feature", "patch", "feature='patch' is not supported"), ("imbalance", "focal", "imbalance='focal' is not supported"),
-     ("learning_rate", -1.0, "learning_rate=-1.0 must be positive")],
+     ("learning_rate", -1.0, "learning_rate=-1.0 must be positive"),
+     ("label_smoothing", 1.0, r"label_smoothing=1.0 must be in \[0, 1\)")],
 )
 def test_train_invalid_option(blobs_parquet, tmp_path, option, value, message):
     with pytest.raises(ValueError, match=message):
