@@ -5,12 +5,13 @@ The predictor run covers everything per image: reading the file, decoding and
 preprocessing, the backbone, [CLS] and DCT features, the classifier and the
 per-observation decision. The limit is the backbone alone on pixel tensors
 made in advance, at the same device and precision, at the fastest of a few
-batch sizes. Model loading is excluded from both. On a shared machine the load
+batch sizes, divided by the passes per image (two with the predictor's
+default mirror-image pass, one with ``--no-flip-tta``). Model loading is excluded from both. On a shared machine the load
 changes between the two runs, so the script also alternates predictor slices
 with bare forward passes on equal image counts (``interleaved_ratio``).
 
 Usage:
-    python scripts/bench_predict.py [--images-root DIR] [--backbone DIR] [--batch-size 32]
+    python scripts/bench_predict.py [--images-root DIR] [--backbone DIR] [--batch-size 32] [--no-flip-tta]
 
 The last output line is one JSON object with predict_img_s, limit_img_s and ratio_to_limit.
 """
@@ -61,7 +62,7 @@ def measure_limit(backbone_path: str, *, device: str, precision: str, batch_size
 
 
 def measure_interleaved(images_root: Path, image_paths: list[str], model_dir: Path, *, backbone_path: str, batch_size: int,
-                        device: str, precision: str, rounds: int) -> dict:
+                        device: str, precision: str, rounds: int, flip_tta: bool) -> dict:
     """Alternate predictor slices and bare forward passes on equal image counts, so both see the same machine load.
 
     The predictor slice is everything after loading: file reads, decoding,
@@ -82,11 +83,11 @@ def measure_interleaved(images_root: Path, image_paths: list[str], model_dir: Pa
     for round_index in range(rounds):
         paths = image_paths[round_index * slice_size:(round_index + 1) * slice_size]
         started = time.perf_counter()
-        predict_log_probs(paths, images_root, extractor=extractor, classifier=classifier, batch_size=batch_size)
+        predict_log_probs(paths, images_root, extractor=extractor, classifier=classifier, batch_size=batch_size, flip_tta=flip_tta)
         predict_seconds += time.perf_counter() - started
         started = time.perf_counter()
         with torch.inference_mode():
-            for _ in range(slice_size // batch_size):
+            for _ in range(slice_size // batch_size * (2 if flip_tta else 1)):
                 backbone.model(pixel_values=pixel_values)
         forward_seconds += time.perf_counter() - started
     images = slice_size * rounds
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--interleaved-images", type=int, default=512, help="images in the interleaved comparison, over all rounds")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", help="one backbone pass per image instead of two")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -138,7 +140,7 @@ def main() -> None:
             write_random_model(model_dir, backbone=args.backbone, hidden_size=limit_before["hidden_size"], class_ids=class_ids)
         summary = predict_submission(
             images_root / "index.csv", images_root, model_dir, Path(tmp, "submission.csv"),
-            batch_size=args.batch_size, device=args.device, precision=args.precision, progress=False,
+            batch_size=args.batch_size, device=args.device, precision=args.precision, flip_tta=args.flip_tta, progress=False,
         )
         print(f"predictor: {summary['images']} images, {summary['failures']} failed, {summary['images_per_s']} img/s, "
               f"{summary['seconds']} s including model loading")
@@ -147,6 +149,7 @@ def main() -> None:
             interleaved = measure_interleaved(
                 images_root, index["image_path"].tolist()[:args.interleaved_images], Path(model_dir), backbone_path=args.backbone,
                 batch_size=args.batch_size, device=args.device, precision=args.precision, rounds=args.rounds,
+                flip_tta=args.flip_tta,
             )
             print(f"interleaved over {interleaved['images']} images: predictor {interleaved['predict_img_s']:.1f} img/s, "
                   f"bare forward {interleaved['forward_img_s']:.1f} img/s at batch {args.batch_size}")
@@ -154,7 +157,8 @@ def main() -> None:
     limit_after = measure_limit(args.backbone, device=args.device, precision=args.precision, batch_sizes=batch_sizes, n_images=args.limit_images)
     print("bare forward after: " + ", ".join(f"batch {size}: {rate:.1f} img/s" for size, rate in limit_after["rates"].items()))
 
-    limit = max([*limit_before["rates"].values(), *limit_after["rates"].values()])
+    passes = 2 if args.flip_tta else 1
+    limit = max([*limit_before["rates"].values(), *limit_after["rates"].values()]) / passes
     result = {
         "predict_img_s": round(summary["images_per_s"], 2),
         "limit_img_s": round(limit, 2),
@@ -162,6 +166,7 @@ def main() -> None:
         "images": summary["images"],
         "interleaved_ratio": round(interleaved["predict_img_s"] / interleaved["forward_img_s"], 3) if interleaved else None,
         "batch_size": args.batch_size,
+        "backbone_passes_per_image": passes,
         "precision": limit_before["precision"],
         "device": limit_before["device"],
         "torch_threads": torch.get_num_threads(),

@@ -145,8 +145,12 @@ def export_submission(
     venomous_list: str | os.PathLike | None = None,
     aggregate: str = "mode",
     decision: str = "argmax",
+    flip_tta: bool = True,
 ) -> Path:
-    """Write a self-contained submission folder for ``model_dir`` at ``output_dir``; ``_SUCCESS`` is written last."""
+    """Write a self-contained submission folder for ``model_dir`` at ``output_dir``; ``_SUCCESS`` is written last.
+
+    ``aggregate``, ``decision`` and ``flip_tta`` become the defaults of the folder's ``submission.py``.
+    """
     from snakeclef.models.classifier import load_classifier
     from snakeclef.predict import class_ids_of
     from snakeclef.storage import atomic_path
@@ -179,7 +183,7 @@ def export_submission(
         shutil.copyfile(SCRIPT, tmp / "submission.py")
         write_requirements(modules, tmp / "requirements.txt")
 
-        settings = {"aggregate": aggregate, "decision": decision, "venomous_list": None,
+        settings = {"aggregate": aggregate, "decision": decision, "flip_tta": flip_tta, "venomous_list": None,
                     "source_model_dir": str(model_dir.resolve()), "source_backbone": str(backbone_folder)}
         if venomous_list is not None:
             shutil.copyfile(venomous_list, tmp / "venomous_status.csv")
@@ -199,11 +203,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--venomous-list", default=None, help="CSV of class_id and MIVS or venomous (0/1), copied into the folder")
     parser.add_argument("--aggregate", choices=AGGREGATES, default="mode", help="default --aggregate of the exported script")
     parser.add_argument("--decision", choices=DECISIONS, default="argmax", help="default --decision of the exported script")
+    parser.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", help="the exported script classifies each image once, without its mirror image")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return export_submission(
         args.model_dir, args.output, backbone=args.backbone, venomous_list=args.venomous_list,
-        aggregate=args.aggregate, decision=args.decision,
+        aggregate=args.aggregate, decision=args.decision, flip_tta=args.flip_tta,
     )
 
 

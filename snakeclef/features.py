@@ -30,11 +30,16 @@ class EmbeddingBatch:
     ``cls``: float32 ``(n, hidden_size)``; ``dct``: float32 ``(n, dct_k**2)``;
     ``errors[i]`` is None when image ``i`` was embedded, else the reason it
     was not, and then row ``i`` of ``cls`` and ``dct`` is NaN.
+    ``cls_flipped`` and ``dct_flipped`` hold the same features of the
+    horizontally mirrored images when :meth:`FeatureExtractor.embed` was
+    asked for them, else None.
     """
 
     cls: np.ndarray
     dct: np.ndarray
     errors: list[str | None]
+    cls_flipped: np.ndarray | None = None
+    dct_flipped: np.ndarray | None = None
 
     @property
     def ok(self) -> np.ndarray:
@@ -80,24 +85,34 @@ class FeatureExtractor:
     def hidden_size(self) -> int:
         return self.backbone.hidden_size
 
-    def embed(self, images: Sequence[bytes]) -> EmbeddingBatch:
-        """Embed encoded images (file bytes); undecodable ones become NaN rows with an error message."""
+    def embed(self, images: Sequence[bytes], *, flipped: bool = False) -> EmbeddingBatch:
+        """Embed encoded images (file bytes); undecodable ones become NaN rows with an error message.
+
+        With ``flipped``, each image is also embedded mirrored left to right
+        (same decoding and preprocessing, then the pixels flipped), in the
+        same forward pass, for test-time augmentation.
+        """
         n = len(images)
-        cls_embedding = np.full((n, self.hidden_size), np.nan, dtype=np.float32)
-        dct = np.full((n, self.dct_k * self.dct_k), np.nan, dtype=np.float32)
+        views = 2 if flipped else 1
+        cls_embedding = np.full((views, n, self.hidden_size), np.nan, dtype=np.float32)
+        dct = np.full((views, n, self.dct_k * self.dct_k), np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * n
 
         for start, pixel_values, ok_rows in self._decoded_batches(images, errors):
             if len(ok_rows) == 0:
                 continue
             started = time.perf_counter()
+            if flipped:
+                pixel_values = np.concatenate([pixel_values, pixel_values[..., ::-1]])
             batch_cls, batch_dct = self.backbone.features(pixel_values, dct_k=self.dct_k)
             self.timings["forward_s"] += time.perf_counter() - started
             rows = start + ok_rows
-            cls_embedding[rows] = batch_cls
-            dct[rows] = batch_dct
+            cls_embedding[:, rows] = batch_cls.reshape(views, len(ok_rows), -1)
+            dct[:, rows] = batch_dct.reshape(views, len(ok_rows), -1)
         self.timings["images"] += n
-        return EmbeddingBatch(cls_embedding, dct, errors)
+        if flipped:
+            return EmbeddingBatch(cls_embedding[0], dct[0], errors, cls_flipped=cls_embedding[1], dct_flipped=dct[1])
+        return EmbeddingBatch(cls_embedding[0], dct[0], errors)
 
     def _decoded_batches(self, images: Sequence[bytes], errors: list[str | None]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield ``(start, pixel_values (m, 3, H, W), ok_rows)`` per batch, recording decode errors in ``errors``."""

@@ -320,6 +320,7 @@ def predict_log_probs(
     classifier,
     batch_size: int = 32,
     calibrated: bool = False,
+    flip_tta: bool = False,
     progress=None,
 ) -> tuple[np.ndarray, list[str | None]]:
     """Run image files through the backbone and classifier, a chunk of files in memory at a time.
@@ -327,7 +328,8 @@ def predict_log_probs(
     Returns log-probabilities (n_images, n_classes) float32, with rows of
     failed images left as NaN, and one error message (or None) per image.
     ``calibrated`` selects the classifier's probabilities calibrated to the
-    training class frequencies instead of its default scores.
+    training class frequencies instead of its default scores. ``flip_tta``
+    averages each image's probabilities with those of its mirror image.
     A background thread reads the next chunk's files while the current one
     is embedded; everything stays in this process.
     """
@@ -353,7 +355,8 @@ def predict_log_probs(
             positions = [start + offset for offset, (data, _) in enumerate(files) if data is not None]
             if positions:
                 chunk_log_probs, chunk_errors = classify_images(
-                    [files[p - start][0] for p in positions], extractor=extractor, classifier=classifier, calibrated=calibrated
+                    [files[p - start][0] for p in positions], extractor=extractor, classifier=classifier,
+                    calibrated=calibrated, flip_tta=flip_tta,
                 )
                 log_probs[positions] = chunk_log_probs
                 for position, error in zip(positions, chunk_errors):
@@ -363,15 +366,23 @@ def predict_log_probs(
     return log_probs, errors
 
 
-def classify_images(images: Sequence[bytes], *, extractor, classifier, calibrated: bool = False) -> tuple[np.ndarray, list[str | None]]:
-    """Embed encoded images and classify them: log-probabilities (n, n_classes), NaN rows where an image failed."""
-    batch = extractor.embed(list(images))
-    features = np.asarray(getattr(batch, classifier.feature), dtype=np.float32)
+def classify_images(
+    images: Sequence[bytes], *, extractor, classifier, calibrated: bool = False, flip_tta: bool = False
+) -> tuple[np.ndarray, list[str | None]]:
+    """Embed encoded images and classify them: log-probabilities (n, n_classes), NaN rows where an image failed.
+
+    With ``flip_tta`` the probabilities are the mean of the image's and its
+    mirror image's (test-time augmentation).
+    """
+    batch = extractor.embed(list(images), flipped=flip_tta)
     log_probs = np.full((len(images), len(class_ids_of(classifier))), np.nan, dtype=np.float32)
     ok = [i for i, error in enumerate(batch.errors) if error is None]
     if ok:
         scores = classifier.calibrated_log_probs if calibrated else classifier.log_probs
-        log_probs[ok] = scores(features[ok])
+        log_probs[ok] = scores(np.asarray(getattr(batch, classifier.feature), dtype=np.float32)[ok])
+        if flip_tta:
+            flipped = scores(np.asarray(getattr(batch, f"{classifier.feature}_flipped"), dtype=np.float32)[ok])
+            log_probs[ok] = np.logaddexp(log_probs[ok], flipped) - np.float32(np.log(2.0))
     return log_probs, list(batch.errors)
 
 
@@ -395,6 +406,7 @@ def predict_submission(
     batch_size: int = 32,
     device: str = "auto",
     precision: str = "auto",
+    flip_tta: bool = True,
     progress: bool = True,
 ) -> dict:
     """Predict one ``class_id`` per observation of ``metadata_csv`` and write ``output_csv``.
@@ -402,6 +414,9 @@ def predict_submission(
     ``model_dir`` is a model folder from the training stage or an exported
     submission folder. ``backbone=None`` uses the folder's bundled
     ``backbone/`` when present, else the backbone recorded at training.
+    ``flip_tta`` classifies each image from the mean of its own and its
+    mirror image's probabilities: two backbone passes per image, and
+    1 to 2 points of accuracy on ph-snakes (see docs/benchmarks.md).
     Returns a summary: observations, images, failures, seconds, images_per_s.
     """
     check_choice("aggregate", aggregate, AGGREGATES)
@@ -432,8 +447,8 @@ def predict_submission(
     dct_k = int(getattr(classifier, "info", {}).get("dct_k", 8))
     extractor = FeatureExtractor(backbone, device=device, precision=precision, dct_k=dct_k, batch_size=batch_size)
     logger.info(
-        "Predicting %d images of %d observations with backbone %s, feature %s, aggregate=%s, decision=%s.",
-        len(metadata), metadata["observation_id"].nunique(), backbone, classifier.feature, aggregate, decision,
+        "Predicting %d images of %d observations with backbone %s, feature %s, aggregate=%s, decision=%s, flip_tta=%s.",
+        len(metadata), metadata["observation_id"].nunique(), backbone, classifier.feature, aggregate, decision, flip_tta,
     )
 
     forward_started = time.perf_counter()
@@ -443,7 +458,7 @@ def predict_submission(
             extractor=extractor, classifier=classifier, batch_size=batch_size, progress=bar,
             # An expected cost needs probabilities of the classes as they occur, not the
             # prior-free scores that logit adjustment gives for argmax and macro-F1.
-            calibrated=decision == "min-cost",
+            calibrated=decision == "min-cost", flip_tta=flip_tta,
         )
     forward_seconds = time.perf_counter() - forward_started
     log_failures(metadata["image_path"].tolist(), errors)
@@ -468,6 +483,7 @@ def predict_submission(
         "images_per_s": round(len(metadata) / forward_seconds, 2) if forward_seconds > 0 else None,
         "aggregate": aggregate,
         "decision": decision,
+        "flip_tta": flip_tta,
         "backbone": backbone,
         "output": str(output_csv),
     }
@@ -501,6 +517,10 @@ def make_parser(default_model_dir: str | os.PathLike | None = None) -> argparse.
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (default: auto, bf16 where the hardware supports it)")
+    parser.add_argument(
+        "--no-flip-tta", dest="flip_tta", action="store_false", default=None,
+        help="classify each image once, without its mirror image (half the backbone time; default: the export's choice, else flip)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -521,7 +541,8 @@ def main(argv: Sequence[str] | None = None, *, default_model_dir: str | os.PathL
         aggregate=args.aggregate or settings.get("aggregate", "mode"),
         decision=args.decision or settings.get("decision", "argmax"),
         venomous_list=venomous_list, backbone=args.backbone, split=args.split,
-        batch_size=args.batch_size, device=args.device, precision=args.precision, progress=not args.no_progress,
+        batch_size=args.batch_size, device=args.device, precision=args.precision,
+        flip_tta=args.flip_tta if args.flip_tta is not None else settings.get("flip_tta", True), progress=not args.no_progress,
     )
     print(json.dumps(summary))
     return summary

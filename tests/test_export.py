@@ -61,7 +61,9 @@ def test_export_folder_layout(exported):
     assert any(line.startswith("torch==") for line in requirements)
     assert any(line.startswith("transformers==") for line in requirements)
     assert not any(line.startswith(("pyspark", "luigi")) for line in requirements)
-    assert json.loads((folder / "export.json").read_text())["decision"] == "min-cost"
+    settings = json.loads((folder / "export.json").read_text())
+    assert settings["decision"] == "min-cost"
+    assert settings["flip_tta"] is True
 
 
 def test_exported_script_runs_offline(tmp_path, exported, synthetic_dataset):

@@ -13,6 +13,12 @@ from PIL import Image
 from snakeclef.features import FeatureExtractor
 
 
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def jpeg_bytes(seed: int, size: tuple[int, int] = (300, 260)) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -73,3 +79,19 @@ def test_embed_all_bad_and_empty(extractor):
 def test_extractor_rejects_batch_size(tiny_backbone):
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         FeatureExtractor(tiny_backbone, batch_size=0)
+
+
+def test_embed_flipped_equals_mirrored_file(extractor):
+    # 224 x 224 needs no resize or crop, so the mirrored file gives exactly the mirrored pixels.
+    pixels = np.random.default_rng(5).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    image, mirrored = png_bytes(pixels), png_bytes(pixels[:, ::-1])
+    batch = extractor.embed([image, b"", mirrored], flipped=True)
+    reference = extractor.embed([mirrored, image])
+
+    np.testing.assert_allclose(batch.cls_flipped[0], reference.cls[0], atol=1e-4)
+    np.testing.assert_allclose(batch.dct_flipped[0], reference.dct[0], atol=1e-3)
+    np.testing.assert_allclose(batch.cls_flipped[2], reference.cls[1], atol=1e-4)
+    np.testing.assert_allclose(batch.cls, extractor.embed([image, b"", mirrored]).cls, atol=1e-5)
+    assert not np.allclose(batch.cls[0], batch.cls_flipped[0], atol=1e-3)
+    assert np.isnan(batch.cls_flipped[1]).all()
+    assert extractor.embed([image]).cls_flipped is None

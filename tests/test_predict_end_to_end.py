@@ -78,14 +78,16 @@ def test_submission_matches_direct_features(tmp_path, synthetic_dataset, model_d
     output = tmp_path / "submission.csv"
     predict_submission(metadata_csv, synthetic_dataset, model_dir, output, device="cpu", batch_size=3, progress=False)
 
-    # The same images through the extractor and classifier by hand, then the mode per observation.
+    # The same images through the extractor and classifier by hand: the mean probabilities of
+    # each image and its mirror image (the default flip_tta), then the mode per observation.
     classifier = load_classifier(model_dir)
     extractor = FeatureExtractor(tiny_backbone, device="cpu")
     expected = {}
     for observation_id, group in metadata.groupby("observation_id", sort=False):
         files = [synthetic_dataset / p for p in group["image_path"] if (synthetic_dataset / p).is_file()]
-        batch = extractor.embed([f.read_bytes() for f in files])
-        indices = classifier.log_probs(batch.cls[batch.ok]).argmax(axis=1).tolist()
+        batch = extractor.embed([f.read_bytes() for f in files], flipped=True)
+        probs = np.exp(classifier.log_probs(batch.cls[batch.ok])) + np.exp(classifier.log_probs(batch.cls_flipped[batch.ok]))
+        indices = probs.argmax(axis=1).tolist()
         if indices:
             expected[observation_id] = CLASS_IDS[mode_first_tiebreak(indices)]
 

@@ -33,8 +33,11 @@ def test_spark_and_offline_agree(tmp_path, spark, synthetic_dataset, tiny_backbo
     spark_class_ids = classifier.predict_class_ids(features)
 
     # Offline path: each index row is its own observation, numbered by row as the ingest stage numbers it.
+    # The stored features are of the images as they are, so the mirror-image pass is off here.
     output = tmp_path / "submission.csv"
-    summary = predict_submission(synthetic_dataset / "index.csv", synthetic_dataset, model_dir, output, device="cpu", batch_size=4, progress=False)
+    summary = predict_submission(
+        synthetic_dataset / "index.csv", synthetic_dataset, model_dir, output, device="cpu", batch_size=4, flip_tta=False, progress=False
+    )
     offline = pd.read_csv(output).set_index("observation_id")["class_id"]
 
     assert summary["failures"] == 1
