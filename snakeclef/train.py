@@ -46,9 +46,9 @@ IMBALANCE_OPTIONS = ("none", "logit_adjustment", "class_weights")
 DEFAULT_LEARNING_RATE = 1e-3  # used only when the learning-rate finder cannot suggest one
 # The finder's curve is flat and noisy around its minimum, so the training rate is taken from the
 # middle of the band of rates whose loss is within LR_FINDER_BAND of the lowest, divided by
-# LR_FINDER_DIVISOR. On ph-snakes with dinov2-small features and 300 steps, the band's middle sat
-# at 0.04-0.08 over 5 seeds (the lowest point alone moved over 0.03-0.10, and over 0.06-0.19 with
-# 100 steps), and fixed rates of 1.5e-3 to 3e-3 gave the best validation accuracy.
+# LR_FINDER_DIVISOR. Measured on ph-snakes with dinov2-small features over 5 seeds: with 300
+# steps the band's middle sat at 0.04-0.08, while the lowest point alone moved over 0.03-0.10
+# (0.06-0.19 with 100 steps). Fixed rates of 1.5e-3 to 3e-3 gave the best validation accuracy.
 LR_FINDER_STEPS = 300
 LR_FINDER_BAND = 0.05
 LR_FINDER_DIVISOR = 30.0
@@ -298,10 +298,11 @@ def train_classifier(
     "logit_adjustment" (the loss is computed on ``logits + tau * log(class_prior)``) or
     "class_weights" (class-balanced NLL weights, effective number with
     ``class_weight_beta``). ``label_smoothing`` is the training loss's
-    epsilon (validation scores the plain NLL). The defaults, standardisation
-    with logit adjustment and label smoothing 0.1, gave the best validation
-    macro-F1 in scripts/compare_training_options.py on ph-snakes
-    dinov2-small embeddings and on a long-tailed subsample of their train split. A finished ``model_dir`` is left as it is and its
+    epsilon (validation scores the plain NLL). Standardisation with logit
+    adjustment gave the best validation macro-F1 in
+    scripts/compare_training_options.py on ph-snakes dinov2-small embeddings
+    and on a long-tailed subsample of their train split; label smoothing 0.1
+    added 0.3 to 0.6 points of accuracy in cross-validation (docs/benchmarks.md). A finished ``model_dir`` is left as it is and its
     metrics returned unless ``overwrite``. The same seed and data give the
     same weights and validation figures. Rows whose split is
     ``holdout_split`` (the pipeline's evaluation split) are left out of
