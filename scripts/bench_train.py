@@ -136,11 +136,11 @@ def main() -> None:
 
         max_epochs = {"max_epochs": args.max_epochs} if args.max_epochs else {}
         start = time.perf_counter()
-        metrics = train.train_classifier(tmp / "embeddings", tmp / "model", batch_size=args.batch_size, **max_epochs)
+        metrics = train.train_classifier(tmp / "embeddings", tmp / "model", feature="cls", batch_size=args.batch_size, **max_epochs)
         total_train_s = time.perf_counter() - start
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-        data = train.read_embeddings(tmp / "embeddings")
+        data = train.read_embeddings(tmp / "embeddings", feature="cls")
         train_rows, val_rows, _ = train.split_train_val(data.class_ids, data.split)
         batch_size = args.batch_size or train.default_batch_size(len(train_rows))
         label_map = train.LabelMap.from_labels(data.class_ids[train_rows])

@@ -1,6 +1,6 @@
 """Compare the Train stage's feature and imbalance options on real embeddings.
 
-Runs ``train_classifier`` for every combination of feature (cls, dct),
+Runs ``train_classifier`` for every combination of feature (cls_last4, cls, dct),
 standardisation (on, off) and imbalance handling (none, logit adjustment,
 class-balanced weights), on two datasets built from one embeddings Parquet
 that has a train/val ``split`` column:
@@ -102,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("embeddings", type=Path, help="embeddings Parquet folder with a train/val split column")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--features", nargs="+", default=["cls", "dct"])
+    parser.add_argument("--features", nargs="+", default=["cls_last4", "cls", "dct"])
     parser.add_argument("--imbalance-ratio", type=float, default=20.0, help="largest / smallest class cap of the long-tailed subsample")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=None, help="also write every run's figures to this JSON file")

@@ -13,7 +13,7 @@ after all chunks and the report.
 
 Output folder layout::
 
-    part-cNNNNN-*.parquet     rows of chunk NNNNN (input columns except ``data``, plus cls, dct, error)
+    part-cNNNNN-*.parquet     rows of chunk NNNNN (input columns except ``data``, plus cls, cls_last4, dct, error)
     _chunks/plan.json         the chunk plan: input files per chunk and the settings they were computed with
     _chunks/chunk-NNNNN.json  per-chunk marker: files, rows, errors, seconds
     _embed_report.json        totals, then _SUCCESS
@@ -51,6 +51,7 @@ PLAN_NAME = "plan.json"
 DEFAULT_CHUNK_SIZE = 4096
 FEATURE_FIELDS = [
     T.StructField("cls", T.ArrayType(T.FloatType())),
+    T.StructField("cls_last4", T.ArrayType(T.FloatType())),
     T.StructField("dct", T.ArrayType(T.FloatType())),
     T.StructField("error", T.StringType()),
 ]
@@ -100,7 +101,7 @@ def list_array(values: np.ndarray, ok: np.ndarray) -> pa.ListArray:
 
 
 def embed_record_batches(batches: Iterator[pa.RecordBatch], settings: EmbedSettings, stats=None) -> Iterator[pa.RecordBatch]:
-    """Replace the ``data`` column of each image-record batch by ``cls``, ``dct`` and ``error`` columns."""
+    """Replace the ``data`` column of each image-record batch by ``cls``, ``cls_last4``, ``dct`` and ``error`` columns."""
     loaded = settings in _EXTRACTORS
     started = time.perf_counter()
     extractor = get_extractor(settings)
@@ -112,6 +113,7 @@ def embed_record_batches(batches: Iterator[pa.RecordBatch], settings: EmbedSetti
         ok = result.ok
         columns = {name: batch.column(name) for name in batch.schema.names if name != "data"}
         columns["cls"] = list_array(result.cls, ok)
+        columns["cls_last4"] = list_array(result.cls_last4, ok)
         columns["dct"] = list_array(result.dct, ok)
         columns["error"] = pa.array(result.errors, type=pa.string())
         yield pa.RecordBatch.from_pydict(columns)
@@ -270,7 +272,7 @@ def read_errors(output: Path, names: list[str]) -> pa.Table:
 
 
 def output_schema(schema: T.StructType) -> T.StructType:
-    """Return the embeddings schema: the image-record columns except ``data``, then cls, dct and error."""
+    """Return the embeddings schema: the image-record columns except ``data``, then cls, cls_last4, dct and error."""
     return T.StructType([field for field in schema.fields if field.name != "data"] + FEATURE_FIELDS)
 
 
@@ -286,12 +288,13 @@ def check_inputs(images: DataFrame, images_path: str, *, batch_size: int, dct_k:
             raise ValueError(f"{option} must be a positive integer, got {value!r}")
 
 
-def read_backbone_config(backbone: str) -> int:
-    """Return the backbone's hidden size from its config (no weights are loaded on the driver)."""
+def read_backbone_config(backbone: str) -> tuple[int, int]:
+    """Return the backbone's hidden size and block count from its config (no weights are loaded on the driver)."""
     from transformers import AutoConfig
 
     try:
-        return int(AutoConfig.from_pretrained(backbone, local_files_only=True).hidden_size)
+        config = AutoConfig.from_pretrained(backbone, local_files_only=True)
+        return int(config.hidden_size), int(config.num_hidden_layers)
     except OSError as error:
         raise FileNotFoundError(
             f"backbone {backbone!r} is neither a local model folder nor in the Hugging Face cache (downloads are disabled): {error}"
@@ -315,8 +318,9 @@ def embed_images(
     """Embed every image record of ``images_path`` into ``output_path`` and return the stage report.
 
     Every input row is kept: a row whose image cannot be decoded has null
-    ``cls``/``dct`` and an ``error`` string. ``cls`` has the backbone's
-    hidden size, ``dct`` has ``dct_k**2`` values. ``num_threads`` sets torch
+    features and an ``error`` string. ``cls`` has the backbone's hidden
+    size, ``cls_last4`` that times the report's ``last_blocks`` (4, or every
+    block of a smaller model), ``dct`` has ``dct_k**2`` values. ``num_threads`` sets torch
     threads per Python worker (default ``spark.task.cpus``, so concurrent
     tasks do not oversubscribe the cores). ``arrow_batch_size`` is the rows
     per Arrow batch sent to a worker (default ``2 * batch_size``); both bound
@@ -335,7 +339,7 @@ def embed_images(
     except AnalysisException as error:
         raise FileNotFoundError(f"no Parquet image records found at {images_path}; run the ingest stage first ({error})") from error
     check_inputs(images, images_path, batch_size=batch_size, dct_k=dct_k, chunk_size=chunk_size)
-    hidden_size = read_backbone_config(backbone)
+    hidden_size, num_layers = read_backbone_config(backbone)
     if dct_k > hidden_size:
         raise ValueError(f"dct_k={dct_k} is larger than the backbone's hidden size {hidden_size}; use dct_k <= {hidden_size}")
     if num_threads is None:
@@ -347,10 +351,14 @@ def embed_images(
     files = sorted(images.inputFiles())
     # Only settings that change the features decide whether finished chunks can be kept.
     feature_settings = {key: getattr(settings, key) for key in ("backbone", "device", "precision", "dct_k")}
+    feature_settings["columns"] = [field.name for field in FEATURE_FIELDS]
     plan = read_or_make_plan(output, {"settings": feature_settings, "chunks": plan_chunks(files, count_file_rows(spark, files), chunk_size)})
     markers, profile = run_chunks(spark, plan, output, images.schema, settings, arrow_batch_size or 2 * batch_size)
 
     report = make_report(plan, markers, profile, settings, hidden_size, time.perf_counter() - started)
+    from snakeclef.models.backbone import last_blocks
+
+    report["last_blocks"] = last_blocks(num_layers)
     storage.write_text(output / REPORT_NAME, json.dumps(report, indent=2))
     storage.write_text(output / SUCCESS_NAME, "")
     logger.info(

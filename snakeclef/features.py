@@ -27,18 +27,20 @@ logger = logging.getLogger(__name__)
 class EmbeddingBatch:
     """Features of ``n`` images, in input order.
 
-    ``cls``: float32 ``(n, hidden_size)``; ``dct``: float32 ``(n, dct_k**2)``;
+    ``cls``: float32 ``(n, hidden_size)``; ``cls_last4``: float32
+    ``(n, hidden_size * last_blocks)``; ``dct``: float32 ``(n, dct_k**2)``;
     ``errors[i]`` is None when image ``i`` was embedded, else the reason it
-    was not, and then row ``i`` of ``cls`` and ``dct`` is NaN.
-    ``cls_flipped`` and ``dct_flipped`` hold the same features of the
-    horizontally mirrored images when :meth:`FeatureExtractor.embed` was
-    asked for them, else None.
+    was not, and then row ``i`` of every feature is NaN. The ``*_flipped``
+    fields hold the same features of the horizontally mirrored images when
+    :meth:`FeatureExtractor.embed` was asked for them, else None.
     """
 
     cls: np.ndarray
+    cls_last4: np.ndarray
     dct: np.ndarray
     errors: list[str | None]
     cls_flipped: np.ndarray | None = None
+    cls_last4_flipped: np.ndarray | None = None
     dct_flipped: np.ndarray | None = None
 
     @property
@@ -94,8 +96,8 @@ class FeatureExtractor:
         """
         n = len(images)
         views = 2 if flipped else 1
-        cls_embedding = np.full((views, n, self.hidden_size), np.nan, dtype=np.float32)
-        dct = np.full((views, n, self.dct_k * self.dct_k), np.nan, dtype=np.float32)
+        widths = {"cls": self.hidden_size, "cls_last4": self.hidden_size * self.backbone.last_blocks, "dct": self.dct_k**2}
+        features = {name: np.full((views, n, width), np.nan, dtype=np.float32) for name, width in widths.items()}
         errors: list[str | None] = [None] * n
 
         for start, pixel_values, ok_rows in self._decoded_batches(images, errors):
@@ -104,15 +106,14 @@ class FeatureExtractor:
             started = time.perf_counter()
             if flipped:
                 pixel_values = np.concatenate([pixel_values, pixel_values[..., ::-1]])
-            batch_cls, batch_dct = self.backbone.features(pixel_values, dct_k=self.dct_k)
+            batch = self.backbone.features(pixel_values, dct_k=self.dct_k)
             self.timings["forward_s"] += time.perf_counter() - started
             rows = start + ok_rows
-            cls_embedding[:, rows] = batch_cls.reshape(views, len(ok_rows), -1)
-            dct[:, rows] = batch_dct.reshape(views, len(ok_rows), -1)
+            for name, values in features.items():
+                values[:, rows] = batch[name].reshape(views, len(ok_rows), -1)
         self.timings["images"] += n
-        if flipped:
-            return EmbeddingBatch(cls_embedding[0], dct[0], errors, cls_flipped=cls_embedding[1], dct_flipped=dct[1])
-        return EmbeddingBatch(cls_embedding[0], dct[0], errors)
+        flipped_views = {f"{name}_flipped": values[1] for name, values in features.items()} if flipped else {}
+        return EmbeddingBatch(**{name: values[0] for name, values in features.items()}, errors=errors, **flipped_views)
 
     def _decoded_batches(self, images: Sequence[bytes], errors: list[str | None]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield ``(start, pixel_values (m, 3, H, W), ok_rows)`` per batch, recording decode errors in ``errors``."""

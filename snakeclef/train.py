@@ -65,7 +65,7 @@ class EmbeddingData:
     counts: dict[str, int]  # rows read, rejected and kept, by reason
 
 
-def read_embeddings(embeddings_path: str | os.PathLike, *, feature: str = "cls") -> EmbeddingData:
+def read_embeddings(embeddings_path: str | os.PathLike, *, feature: str = "cls_last4") -> EmbeddingData:
     """Read one feature column and the labels; rows with an ``error``, no label or non-finite features are excluded and counted."""
     if feature not in FEATURES:
         raise ValueError(f"feature={feature!r} is not supported; use one of {FEATURES}.")
@@ -76,7 +76,10 @@ def read_embeddings(embeddings_path: str | os.PathLike, *, feature: str = "cls")
     dataset = ds.dataset(path, format="parquet")
     missing = {feature, "class_id"} - set(dataset.schema.names)
     if missing:
-        raise ValueError(f"Embeddings Parquet {path} lacks columns {sorted(missing)}; it has {dataset.schema.names}.")
+        raise ValueError(
+            f"Embeddings Parquet {path} lacks columns {sorted(missing)}; it has {dataset.schema.names}. "
+            "Run the Embed stage again (older runs have no cls_last4), or choose a feature it has."
+        )
     order_keys = [name for name in ("image_path", "observation_id") if name in dataset.schema.names]
     columns = [name for name in (feature, "class_id", "error", "split", *order_keys) if name in dataset.schema.names]
     table = dataset.to_table(columns=columns)
@@ -271,7 +274,7 @@ def train_classifier(
     embeddings_path: str | os.PathLike,
     model_dir: str | os.PathLike,
     *,
-    feature: str = "cls",
+    feature: str = "cls_last4",
     learning_rate: float | None = None,
     max_epochs: int = 100,
     batch_size: int | None = None,
@@ -392,7 +395,7 @@ def train_classifier(
         }
         info = {
             "backbone": embed_report.get("backbone"), "hidden_size": embed_report.get("hidden_size"),
-            "dct_k": embed_report.get("dct_k"), "precision": embed_report.get("precision"), "feature": feature,
+            "dct_k": embed_report.get("dct_k"), "last_blocks": embed_report.get("last_blocks"), "precision": embed_report.get("precision"), "feature": feature,
             "standardization": standardization, "class_counts": class_counts.tolist(), "options": options,
             "log_probs": "balanced (prior-free) scores" if imbalance == "logit_adjustment" else "calibrated to the training class frequencies",
         }
@@ -576,6 +579,8 @@ def _read_embed_report(embeddings_path: str | os.PathLike) -> dict[str, Any]:
 def _check_feature_width(width: int, report: dict[str, Any], *, feature: str, source: str) -> None:
     if feature == "cls":
         expected = report.get("hidden_size")
+    elif feature == "cls_last4":
+        expected = report["hidden_size"] * report["last_blocks"] if report.get("hidden_size") and report.get("last_blocks") else None
     else:
         expected = report["dct_k"] ** 2 if report.get("dct_k") else None
     if width and expected and width != expected:
@@ -599,7 +604,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the linear classifier on an embeddings Parquet folder.")
     parser.add_argument("embeddings", help="embeddings Parquet folder (with _embed_report.json)")
     parser.add_argument("model_dir", help="model folder to write")
-    parser.add_argument("--feature", choices=FEATURES, default="cls")
+    parser.add_argument("--feature", choices=FEATURES, default="cls_last4")
     parser.add_argument("--learning-rate", type=float, default=None, help="fixed Adam learning rate; default: the LR finder's suggestion")
     parser.add_argument("--max-epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="rows per optimizer step; default: an eighth of the training rows, within [32, 1024]")

@@ -188,7 +188,10 @@ class EmbedParams(InputParams):
 
 
 class TrainParams(EmbedParams):
-    feature = luigi.ChoiceParameter(default="cls", choices=["cls", "dct"], description="Feature column the classifier reads.")
+    feature = luigi.ChoiceParameter(
+        default="cls_last4", choices=["cls_last4", "cls", "dct"],
+        description="Feature column the classifier reads: the [CLS] tokens of the last four blocks, of the last block only, or the DCT.",
+    )
     learning_rate = luigi.FloatParameter(default=0.0, description="Adam learning rate; 0 runs Lightning's learning-rate finder.")
     max_epochs = luigi.IntParameter(default=100, description="Upper bound on training epochs (early stopping usually ends sooner).")
     label_smoothing = luigi.FloatParameter(default=0.1, description="Label smoothing epsilon of the training loss; 0 for the plain NLL.")

@@ -47,17 +47,40 @@ def test_load_backbone_tiny(tiny_backbone):
     assert backbone.hidden_size == 32
     assert backbone.device.type == "cpu"
     assert next(backbone.model.parameters()).dtype == torch.float32
-    cls_embedding, dct = backbone.features(torch.zeros(2, 3, 224, 224), dct_k=4)
-    assert cls_embedding.shape == (2, 32)
-    assert dct.shape == (2, 16)
-    assert cls_embedding.dtype == dct.dtype == np.float32
+    features = backbone.features(torch.zeros(2, 3, 224, 224), dct_k=4)
+    assert features["cls"].shape == (2, 32)
+    # The tiny model has two blocks, so cls_last4 holds both.
+    assert backbone.last_blocks == 2
+    assert features["cls_last4"].shape == (2, 64)
+    assert features["dct"].shape == (2, 16)
+    assert {array.dtype for array in features.values()} == {np.dtype(np.float32)}
+
+
+def test_cls_last4_is_normed_block_outputs(tiny_backbone):
+    from transformers import Dinov2Model
+
+    backbone = load_backbone(tiny_backbone, device="cpu", precision="fp32")
+    pixels = torch.from_numpy(np.random.default_rng(2).normal(size=(3, 3, 224, 224)).astype(np.float32))
+    features = backbone.features(pixels, dct_k=2)
+
+    # Independently: run each block by hand on the embeddings and apply the final layer norm to its [CLS] token.
+    model = Dinov2Model.from_pretrained(tiny_backbone).eval()
+    with torch.no_grad():
+        hidden = model.embeddings(pixels)
+        expected = []
+        for layer in model.encoder.layer:
+            output = layer(hidden)
+            hidden = output[0] if isinstance(output, tuple) else output
+            expected.append(model.layernorm(hidden[:, 0]))
+    np.testing.assert_allclose(features["cls_last4"], torch.cat(expected, dim=1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(features["cls_last4"][:, -32:], features["cls"], atol=1e-6)
 
 
 def test_load_backbone_bf16_weights(tiny_backbone):
     backbone = load_backbone(tiny_backbone, device="cpu", precision="bf16")
     assert next(backbone.model.parameters()).dtype == torch.bfloat16
-    cls_embedding, _ = backbone.features(torch.zeros(1, 3, 224, 224), dct_k=2)
-    assert cls_embedding.dtype == np.float32
+    features = backbone.features(torch.zeros(1, 3, 224, 224), dct_k=2)
+    assert features["cls"].dtype == features["cls_last4"].dtype == np.float32
 
 
 def test_load_backbone_missing(tmp_path):
@@ -100,8 +123,10 @@ def test_bf16_close_to_fp32(dinov2_small, ph_snakes):
     config = load_preprocess_config(dinov2_small)
     paths = sorted(ph_snakes.glob("val/*/*"))[::25][:8]
     pixel_values = np.stack([load_pixel_values(path.read_bytes(), config) for path in paths])
-    reference, _ = load_backbone(dinov2_small, device="cpu", precision="fp32").features(pixel_values, dct_k=8)
-    reduced, _ = load_backbone(dinov2_small, device="cpu", precision="bf16").features(pixel_values, dct_k=8)
+    reference = load_backbone(dinov2_small, device="cpu", precision="fp32").features(pixel_values, dct_k=8)
+    reduced = load_backbone(dinov2_small, device="cpu", precision="bf16").features(pixel_values, dct_k=8)
 
-    cosine = (reference * reduced).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(reduced, axis=1))
-    assert cosine.min() >= 0.9998, cosine
+    for name in ("cls", "cls_last4"):
+        a, b = reference[name], reduced[name]
+        cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cosine.min() >= 0.9998, (name, cosine)

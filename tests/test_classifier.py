@@ -169,3 +169,14 @@ def test_load_pickle_not_executed(tmp_path):
     with pytest.raises(Exception):
         load_classifier(model_dir)
     assert not marker.exists()
+
+
+def test_load_cls_last4_width_checked(tmp_path):
+    # cls_last4 of a 384-wide backbone over 4 blocks has 1,536 values; a 6-wide classifier cannot take it.
+    model_dir = write_model(tmp_path / "model", feature_dim=6, feature="cls_last4")
+    info = json.loads((model_dir / "model.json").read_text())
+    info.update(hidden_size=384, last_blocks=4, feature_dim=None)
+    (model_dir / "model.json").write_text(json.dumps(info))
+
+    with pytest.raises(ValueError, match=r"takes 6 features, but 'cls_last4' features of backbone 'tiny' .*last_blocks=4.* have 1536"):
+        load_classifier(model_dir)

@@ -96,11 +96,13 @@ def test_embed_keeps_every_row(catalogue_run, catalogue_records):
 def test_embed_output_schema(catalogue_run):
     output, report = catalogue_run
     schema = pq.read_schema(next(output.glob("part-*.parquet")))
-    assert schema.names == ["image_path", "observation_id", "class_id", "binomial_name", "code", "split", "cls", "dct", "error"]
+    assert schema.names == ["image_path", "observation_id", "class_id", "binomial_name", "code", "split", "cls", "cls_last4", "dct", "error"]
     assert schema.field("cls").type == pa.list_(pa.float32())
+    assert schema.field("cls_last4").type == pa.list_(pa.float32())
     assert schema.field("observation_id").type == pa.int64()
     assert report["hidden_size"] == 32
     assert report["dct_k"] == 4
+    assert report["last_blocks"] == 2
     assert report["precision"] == "fp32"
     assert report["device"] == "cpu"
     assert report["worker_profile"]["images"] == report["rows"]
@@ -114,10 +116,12 @@ def test_embed_bad_image_catalogue(catalogue_run, case):
     if case in DECODE_ERRORS:
         assert DECODE_ERRORS[case] in row["error"]
         assert row["cls"] is None
+        assert row["cls_last4"] is None
         assert row["dct"] is None
     else:
         assert row["error"] is None
         assert len(row["cls"]) == 32
+        assert len(row["cls_last4"]) == 64
         assert len(row["dct"]) == 16
         assert np.isfinite(row["cls"]).all()
 

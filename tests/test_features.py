@@ -90,6 +90,7 @@ def test_embed_flipped_equals_mirrored_file(extractor):
 
     np.testing.assert_allclose(batch.cls_flipped[0], reference.cls[0], atol=1e-4)
     np.testing.assert_allclose(batch.dct_flipped[0], reference.dct[0], atol=1e-3)
+    np.testing.assert_allclose(batch.cls_last4_flipped[0], reference.cls_last4[0], atol=1e-4)
     np.testing.assert_allclose(batch.cls_flipped[2], reference.cls[1], atol=1e-4)
     np.testing.assert_allclose(batch.cls, extractor.embed([image, b"", mirrored]).cls, atol=1e-5)
     assert not np.allclose(batch.cls[0], batch.cls_flipped[0], atol=1e-3)

@@ -144,11 +144,15 @@ def write_embeddings(images: Path, output: Path, backbone: Path) -> None:
     vectors = pa.list_(pa.float32())
     table = records.drop_columns(["data"])
     table = table.append_column("cls", pa.array([row.tolist() for row in batch.cls], vectors))
+    table = table.append_column("cls_last4", pa.array([row.tolist() for row in batch.cls_last4], vectors))
     table = table.append_column("dct", pa.array([row.tolist() for row in batch.dct], vectors))
     table = table.append_column("error", pa.array(batch.errors, pa.string()))
     output.mkdir(parents=True)
     pq.write_table(table, output / "part-00000.parquet")
-    report = {"backbone": str(backbone), "hidden_size": extractor.hidden_size, "dct_k": DCT_K, "precision": "fp32", "rows": len(table)}
+    report = {
+        "backbone": str(backbone), "hidden_size": extractor.hidden_size, "last_blocks": extractor.backbone.last_blocks,
+        "dct_k": DCT_K, "precision": "fp32", "rows": len(table),
+    }
     (output / "_embed_report.json").write_text(json.dumps(report))
     (output / "_SUCCESS").write_text("")
 

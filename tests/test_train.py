@@ -32,6 +32,7 @@ def write_embeddings(path: Path, features, class_ids, *, split=None, errors=None
         "observation_id": pa.array(np.arange(n), pa.int64()),
         "class_id": pa.array(class_ids, pa.int32()),
         "cls": pa.array([None if e else row.tolist() for row, e in zip(features, errors)], pa.list_(pa.float32())),
+        "cls_last4": pa.array([None if e else row.tolist() for row, e in zip(features, errors)], pa.list_(pa.float32())),
         "dct": pa.array([None if e else row[: dct_k * dct_k].tolist() for row, e in zip(features, errors)], pa.list_(pa.float32())),
         "error": pa.array(errors, pa.string()),
     }
@@ -42,7 +43,8 @@ def write_embeddings(path: Path, features, class_ids, *, split=None, errors=None
     half = n // 2
     pq.write_table(table.slice(0, half), path / "part-00000.parquet")
     pq.write_table(table.slice(half), path / "part-00001.parquet")
-    report = {"backbone": backbone, "hidden_size": features.shape[1], "dct_k": dct_k, "precision": "fp32", "rows": n}
+    # One block, so that cls_last4 (the default feature) has the hidden size, like cls.
+    report = {"backbone": backbone, "hidden_size": features.shape[1], "last_blocks": 1, "dct_k": dct_k, "precision": "fp32", "rows": n}
     (path / "_embed_report.json").write_text(json.dumps(report))
     (path / "_SUCCESS").write_text("")
     return path
@@ -142,7 +144,7 @@ def test_read_missing_column(tmp_path):
     path = tmp_path / "embeddings"
     path.mkdir()
     pq.write_table(pa.table({"class_id": [1, 2]}), path / "part-0.parquet")
-    with pytest.raises(ValueError, match=r"lacks columns \['cls'\]"):
+    with pytest.raises(ValueError, match=r"lacks columns \['cls_last4'\].*Run the Embed stage again"):
         read_embeddings(path)
 
 
@@ -232,7 +234,7 @@ def test_train_missing_embed_report(blobs_parquet, tmp_path):
 def test_train_report_width_mismatch(blobs_parquet, tmp_path):
     report = json.loads((blobs_parquet / "_embed_report.json").read_text())
     (blobs_parquet / "_embed_report.json").write_text(json.dumps({**report, "hidden_size": 384}))
-    with pytest.raises(ValueError, match=r"'cls' in .* has 8 values per row, but _embed_report.json .* implies 384"):
+    with pytest.raises(ValueError, match=r"'cls_last4' in .* has 8 values per row, but _embed_report.json .* implies 384"):
         train_classifier(blobs_parquet, tmp_path / "model", learning_rate=0.05, max_epochs=1)
 
 
@@ -310,7 +312,7 @@ def test_holdout_split_never_trained_on(tmp_path):
     pd.DataFrame(rows).assign(error=None).to_parquet(folder / "part-0.parquet")
     (folder / "_embed_report.json").write_text(json.dumps({"backbone": "tiny", "hidden_size": 8, "dct_k": 2}))
 
-    metrics = train_classifier(folder, tmp_path / "model", learning_rate=0.01, max_epochs=2, holdout_split="val")
+    metrics = train_classifier(folder, tmp_path / "model", feature="cls", learning_rate=0.01, max_epochs=2, holdout_split="val")
 
     held_out = sum(row["split"] == "val" for row in rows)
     assert metrics["rows_held_out"] == held_out

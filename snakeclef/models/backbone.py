@@ -1,9 +1,13 @@
 """Load a DINOv2 backbone for inference and turn its output tokens into [CLS] and DCT features.
 
-One forward pass gives both features: ``cls`` is ``last_hidden_state[:, 0]``
-and ``dct`` is the top-left ``k x k`` block of the orthonormal 2-D DCT-II of
-the patch-token matrix (every token except [CLS]). The token tensor stays on
-the device; only the two small feature arrays leave it. No pyspark here.
+One forward pass gives all features: ``cls`` is ``last_hidden_state[:, 0]``;
+``cls_last4`` is the [CLS] token after each of the last four blocks, each
+through the model's final layer norm, concatenated from the earliest to the
+last block (the features of DINOv2's own linear evaluation; a model with
+fewer blocks gives all of them); ``dct`` is the top-left ``k x k`` block of
+the orthonormal 2-D DCT-II of the patch-token matrix (every token except
+[CLS]). The token tensors stay on the device; only the small feature arrays
+leave it. No pyspark here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ logger = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAST_BLOCKS = 4
+
+
+def last_blocks(num_hidden_layers: int) -> int:
+    """Return how many blocks' [CLS] tokens make up ``cls_last4`` for a model with ``num_hidden_layers`` blocks."""
+    return min(LAST_BLOCKS, int(num_hidden_layers))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -107,6 +117,11 @@ class Backbone:
     device: torch.device
     precision: str
     hidden_size: int
+    num_layers: int
+
+    @property
+    def last_blocks(self) -> int:
+        return last_blocks(self.num_layers)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -119,12 +134,23 @@ class Backbone:
         return self.model(pixel_values=pixel_values).last_hidden_state
 
     @torch.inference_mode()
-    def features(self, pixel_values: torch.Tensor | np.ndarray, *, dct_k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``cls`` float32 ``(batch, hidden)`` and ``dct`` float32 ``(batch, dct_k**2)`` from one forward pass."""
-        tokens = self.last_hidden_state(pixel_values)
-        cls_embedding = tokens[:, 0].float()
-        dct = dct_features(tokens[:, 1:], dct_k)
-        return cls_embedding.cpu().numpy(), dct.cpu().numpy()
+    def features(self, pixel_values: torch.Tensor | np.ndarray, *, dct_k: int) -> dict[str, np.ndarray]:
+        """Return float32 ``cls`` ``(batch, hidden)``, ``cls_last4`` ``(batch, hidden * last_blocks)`` and ``dct`` ``(batch, dct_k**2)``.
+
+        All three come from one forward pass.
+        """
+        pixel_values = torch.as_tensor(pixel_values).to(self.device, dtype=self.dtype, non_blocking=True)
+        outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        tokens = outputs.last_hidden_state
+        # hidden_states holds the embeddings, then each block's output before the final layer norm,
+        # which last_hidden_state has already been through.
+        earlier = [self.model.layernorm(state[:, 0]) for state in outputs.hidden_states[-self.last_blocks:-1]]
+        cls_last = torch.cat([*earlier, tokens[:, 0]], dim=1)
+        return {
+            "cls": tokens[:, 0].float().cpu().numpy(),
+            "cls_last4": cls_last.float().cpu().numpy(),
+            "dct": dct_features(tokens[:, 1:], dct_k).cpu().numpy(),
+        }
 
 
 def load_backbone(name_or_path: str | os.PathLike, *, device: str = "auto", precision: str = "auto") -> Backbone:
@@ -148,10 +174,15 @@ def load_backbone(name_or_path: str | os.PathLike, *, device: str = "auto", prec
         ) from error
 
     hidden_size = int(config.hidden_size)
+    if not hasattr(model, "layernorm"):
+        raise ValueError(
+            f"backbone {name_or_path!r} ({type(model).__name__}) has no final 'layernorm'; the features need a "
+            "DINOv2-style model (Dinov2Model or Dinov2WithRegistersModel)"
+        )
     model = model.to(device=resolved_device, dtype=_DTYPES[resolved_precision]).eval()
     logger.info(
         "Loaded backbone %s: hidden_size=%d, device=%s, precision=%s, torch threads=%d",
         name_or_path, hidden_size, resolved_device, resolved_precision, torch.get_num_threads(),
     )
-    return Backbone(model, name_or_path, resolved_device, resolved_precision, hidden_size)
+    return Backbone(model, name_or_path, resolved_device, resolved_precision, hidden_size, int(config.num_hidden_layers))
 

@@ -36,7 +36,7 @@ LABEL_MAP_FILE = "label_map.json"
 MODEL_INFO_FILE = "model.json"
 METRICS_FILE = "metrics.json"
 SUCCESS_FILE = "_SUCCESS"
-FEATURES = ("cls", "dct")
+FEATURES = ("cls", "cls_last4", "dct")
 
 
 class LabelMap:
@@ -259,7 +259,8 @@ def _check_model(weight: np.ndarray, bias: np.ndarray, label_map: LabelMap, info
     if expected_dim is not None and expected_dim != feature_dim:
         raise ValueError(
             f"Classifier in {source} takes {feature_dim} features, but {info['feature']!r} features of backbone "
-            f"{info.get('backbone')!r} (hidden_size={info.get('hidden_size')}, dct_k={info.get('dct_k')}) "
+            f"{info.get('backbone')!r} (hidden_size={info.get('hidden_size')}, last_blocks={info.get('last_blocks')}, "
+            f"dct_k={info.get('dct_k')}) "
             f"have {expected_dim}. Retrain on embeddings from this backbone."
         )
 
@@ -279,6 +280,8 @@ def _feature_dim_from_backbone(info: dict) -> int | None:
     """Return the feature width implied by the backbone reference, or None when model.json lacks it."""
     if info.get("feature") == "cls" and info.get("hidden_size"):
         return int(info["hidden_size"])
+    if info.get("feature") == "cls_last4" and info.get("hidden_size") and info.get("last_blocks"):
+        return int(info["hidden_size"]) * int(info["last_blocks"])
     if info.get("feature") == "dct" and info.get("dct_k"):
         return int(info["dct_k"]) ** 2
     return None
