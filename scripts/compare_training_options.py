@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("embeddings", type=Path, help="embeddings Parquet folder with a train/val split column")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--features", nargs="+", default=["cls_last4", "cls", "dct"])
+    parser.add_argument("--standardize", nargs="+", choices=["on", "off"], default=["on", "off"], help="standardisation settings to try")
     parser.add_argument("--imbalance-ratio", type=float, default=20.0, help="largest / smallest class cap of the long-tailed subsample")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=None, help="also write every run's figures to this JSON file")
@@ -119,7 +120,8 @@ def main() -> None:
         kept_rows = write_long_tailed(args.embeddings, tmp / "long_tailed", imbalance_ratio=args.imbalance_ratio, seed=0)
         print(f"long_tailed train rows per class: {sorted(kept_rows.values(), reverse=True)}", flush=True)
         datasets = {"full": args.embeddings, "long_tailed": tmp / "long_tailed"}
-        combinations = itertools.product(datasets, args.features, (True, False), IMBALANCE_OPTIONS, args.seeds)
+        standardize_options = [choice == "on" for choice in args.standardize]
+        combinations = itertools.product(datasets, args.features, standardize_options, IMBALANCE_OPTIONS, args.seeds)
         for dataset, feature, standardize, imbalance, seed in combinations:
             metrics = train_classifier(
                 datasets[dataset], tmp / "model", feature=feature, standardize=standardize, imbalance=imbalance,
