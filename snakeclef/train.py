@@ -46,9 +46,10 @@ IMBALANCE_OPTIONS = ("none", "logit_adjustment", "class_weights")
 DEFAULT_LEARNING_RATE = 1e-3  # used only when the learning-rate finder cannot suggest one
 # The finder's curve is flat and noisy around its minimum, so the training rate is taken from the
 # middle of the band of rates whose loss is within LR_FINDER_BAND of the lowest, divided by
-# LR_FINDER_DIVISOR. Measured on ph-snakes with dinov2-small features over 5 seeds: with 300
+# LR_FINDER_DIVISOR. Measured on ph-snakes with dinov2-small cls features over 5 seeds: with 300
 # steps the band's middle sat at 0.04-0.08, while the lowest point alone moved over 0.03-0.10
-# (0.06-0.19 with 100 steps). Fixed rates of 1.5e-3 to 3e-3 gave the best validation accuracy.
+# (0.06-0.19 with 100 steps), and fixed rates of 1.5e-3 to 3e-3 trained best. On cls_last4 the
+# chosen rates spanned 5e-4 to 9e-4 (scripts/measure_heldout.py, docs/benchmarks.md).
 LR_FINDER_STEPS = 300
 LR_FINDER_BAND = 0.05
 LR_FINDER_DIVISOR = 30.0
@@ -492,7 +493,7 @@ def _find_learning_rate(trainer: L.Trainer, module, train_loader, val_loader) ->
     band = rates[peak:][losses[peak:] <= losses[best] + LR_FINDER_BAND * abs(losses[best])]
     middle = float(np.sqrt(band.min() * band.max()))
     # NOTE: the choice still moves with the data order: over 5 seeds on ph-snakes it spanned a
-    # factor of 1.9. Pass learning_rate= for runs that must be comparable.
+    # factor of 1.8 to 1.9. Pass learning_rate= for runs that must be comparable.
     learning_rate = middle / LR_FINDER_DIVISOR
     logger.info(
         "Learning-rate finder: lowest loss %.3f at %.3g, band %.3g-%.3g, training with %.3g",
