@@ -87,7 +87,8 @@ def test_ingest_command_line_output(synthetic_dataset, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (output / "_SUCCESS").is_file()
-    assert (output / "_ingest_report.json").is_file()
+    report = json.loads((output / "_ingest_report.json").read_text())
+    assert report["output"] == str(output)
 
 
 def write_subset(ph_snakes, root, *, n_species: int = 5, n_train: int = 40, n_val: int = 8):
