@@ -51,7 +51,9 @@ DEFAULT_SPECIES = (
     "Agkistrodon piscivorus",
 )
 FEATURES = ("cls", "dct")
-FEATURE_TITLES = {"cls": "[CLS] token", "dct": "DCT of patch tokens"}
+# Plotted too when the embeddings have it (older runs do not).
+OPTIONAL_FEATURES = ("cls_last4",)
+FEATURE_TITLES = {"cls_last4": "[CLS] tokens, last 4 blocks", "cls": "[CLS] token", "dct": "DCT of patch tokens"}
 SEPARATION_FILE = "separation.json"
 KNN_NEIGHBORS = 5
 UMAP_NEIGHBORS = 15
@@ -66,7 +68,7 @@ def plot_embeddings(
     seed: int = 0,
     max_points_per_species: int | None = None,
 ) -> dict:
-    """Plot UMAP projections of ``cls`` and ``dct`` for the top-k species (ties by name) and a species list; return the scores.
+    """Plot UMAP projections of ``cls``, ``dct`` (and ``cls_last4`` when present) for the top-k species (ties by name) and a species list; return the scores.
 
     Writes ``umap_top<k>.png``, ``umap_species.png`` (when at least two of
     ``species`` are present) and ``separation.json`` (last) into ``plots_dir``.
@@ -133,10 +135,13 @@ def read_embeddings(embeddings_path: str | os.PathLike) -> tuple[pd.DataFrame, i
             f"Embeddings at {str(path)!r} are missing column(s) {missing}; they have {dataset.schema.names}. "
             "Expected the embedding stage's output with class_id, cls and dct."
         )
-    columns = [name for name in ("binomial_name", "class_id", "error", *FEATURES) if name in dataset.schema.names]
+    features = [name for name in (*OPTIONAL_FEATURES, *FEATURES) if name in dataset.schema.names]
+    columns = [name for name in ("binomial_name", "class_id", "error", *features) if name in dataset.schema.names]
     table = dataset.to_table(columns=columns)
 
-    usable = pc.and_(pc.is_valid(table["cls"]), pc.is_valid(table["dct"]))
+    usable = pc.is_valid(table[features[0]])
+    for feature in features[1:]:
+        usable = pc.and_(usable, pc.is_valid(table[feature]))
     if "error" in table.column_names:
         usable = pc.and_(usable, pc.is_null(table["error"]))
     n_rows = table.num_rows
@@ -148,26 +153,27 @@ def read_embeddings(embeddings_path: str | os.PathLike) -> tuple[pd.DataFrame, i
         raise ValueError(f"Embeddings at {str(path)!r} have no rows with features ({n_rows} rows, {n_skipped} with an error).")
 
     frame = pd.DataFrame({"species": _species_labels(table)})
-    for feature in FEATURES:
+    for feature in features:
         frame[feature] = list(_feature_matrix(table[feature], name=feature))
     return frame, n_rows, n_skipped
 
 
 def plot_species_group(subset: pd.DataFrame, png_path: Path, *, title: str, seed: int) -> dict:
-    """Project each feature of ``subset`` to 2-D with UMAP, plot both side by side and return their scores."""
+    """Project each feature of ``subset`` to 2-D with UMAP, plot them side by side and return their scores."""
     labels = subset["species"].to_numpy()
     species_order = subset["species"].value_counts().sort_index().sort_values(ascending=False, kind="stable").index.tolist()
-    figure = Figure(figsize=(14, 6.5))
+    features_present = [name for name in (*OPTIONAL_FEATURES, *FEATURES) if name in subset.columns]
+    figure = Figure(figsize=(7 * len(features_present), 6.5))
     scores = {}
 
-    for position, feature in enumerate(FEATURES, start=1):
+    for position, feature in enumerate(features_present, start=1):
         features = StandardScaler().fit_transform(np.stack(subset[feature].to_numpy()))
         scores[feature] = separation_scores(features, labels)
         started = time.perf_counter()
         projection = project_umap(features, seed=seed)
         scores[feature]["umap_seconds"] = round(time.perf_counter() - started, 1)
 
-        axes = figure.add_subplot(1, 2, position)
+        axes = figure.add_subplot(1, len(features_present), position)
         _scatter_species(axes, projection, labels, species_order)
         axes.set_title(
             f"{FEATURE_TITLES[feature]} ({features.shape[1]}-d)\n"
@@ -182,7 +188,7 @@ def plot_species_group(subset: pd.DataFrame, png_path: Path, *, title: str, seed
     figure.subplots_adjust(bottom=0.1 + 0.035 * ((len(names) - 1) // 5))
     with atomic_path(png_path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
-    logger.info("Wrote %s: %s", png_path, {feature: scores[feature] for feature in FEATURES})
+    logger.info("Wrote %s: %s", png_path, scores)
 
     return {
         "species": species_order,

@@ -227,3 +227,22 @@ def test_plot_max_points_per_species(embeddings_folder, tmp_path):
 def test_plot_top_k_invalid(embeddings_folder, tmp_path):
     with pytest.raises(ValueError, match="top_k must be at least 2"):
         plot_embeddings(embeddings_folder, tmp_path, top_k=1)
+
+
+def test_read_includes_cls_last4_when_present(tmp_path):
+    vector = [0.5, 1.0]
+    table = pa.table({
+        "binomial_name": ["Naja naja", "Naja naja", "Boiga dendrophila"],
+        "class_id": pa.array([300, 300, 10], pa.int32()),
+        "cls": [vector, vector, vector],
+        "cls_last4": [vector * 4, None, vector * 4],
+        "dct": [vector, vector, vector],
+    })
+    pq.write_table(table, tmp_path / "part-0.parquet")
+
+    frame, n_rows, n_skipped = read_embeddings(tmp_path)
+
+    assert list(frame.columns) == ["species", "cls_last4", "cls", "dct"]
+    assert frame["cls_last4"].iloc[0].shape == (8,)
+    assert n_rows == 3
+    assert n_skipped == 1
