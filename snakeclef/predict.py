@@ -416,7 +416,7 @@ def predict_submission(
     ``backbone/`` when present, else the backbone recorded at training.
     ``flip_tta`` classifies each image from the mean of its own and its
     mirror image's probabilities: two backbone passes per image, and
-    1 to 2 points of accuracy on ph-snakes (see docs/benchmarks.md).
+    0.6 to 1.4 points of accuracy on ph-snakes (see docs/benchmarks.md).
     Returns a summary: observations, images, failures, seconds, images_per_s.
     """
     check_choice("aggregate", aggregate, AGGREGATES)
