@@ -91,6 +91,16 @@ def test_ingest_command_line_output(synthetic_dataset, tmp_path):
     assert report["output"] == str(output)
 
 
+def test_failed_stage_exits_nonzero(tmp_path):
+    command = [sys.executable, "-m", "luigi", "--module", "snakeclef.workflow", "Pipeline", "--local-scheduler",
+               "--dataset", str(tmp_path / "no-such-dataset"), "--backbone", str(tmp_path / "no-backbone"),
+               "--output-root", str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # conf/luigi.cfg sets [retcode] task_failed = 30; Luigi's own default would be 0.
+    assert result.returncode == 30, result.stdout + result.stderr
+    assert "index file not found" in result.stdout + result.stderr
+
+
 def write_subset(ph_snakes, root, *, n_species: int = 5, n_train: int = 40, n_val: int = 8):
     """A dataset folder that links to real photos: the first ``n_species`` species, a few images each."""
     index = pd.read_csv(ph_snakes / "index.csv")
