@@ -419,9 +419,12 @@ def _refit(module, loader, *, epochs: int, work_dir: Path) -> None:
         accelerator="auto", devices=1, max_epochs=epochs, default_root_dir=work_dir / "refit", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, deterministic="warn",
     )
+    logger.info("Refitting on the training and validation rows for %d epochs (the selection run's best epoch + 1)", epochs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
+        # The refit has no validation rows left by design.
+        warnings.filterwarnings("ignore", message=".*validation_step. but have no .val_dataloader.*")
         trainer.fit(module, loader)
 
 
@@ -452,6 +455,15 @@ def _fit(module, train_loader, val_loader, *, work_dir: Path, learning_rate: flo
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        if learning_rate is None and max_epochs * len(train_loader) < LR_FINDER_STEPS:
+            # The finder runs inside the training loop, so max_epochs caps its steps too, and a
+            # cut-short search picks a meaningless rate.
+            logger.warning(
+                "Skipped the learning-rate finder: it needs %d steps, but max_epochs=%d x %d batches allows %d; "
+                "training with learning_rate=%g. Raise max_epochs or pass a learning rate.",
+                LR_FINDER_STEPS, max_epochs, len(train_loader), max_epochs * len(train_loader), DEFAULT_LEARNING_RATE,
+            )
+            learning_rate = DEFAULT_LEARNING_RATE
         if learning_rate is None:
             learning_rate = _find_learning_rate(trainer, module, train_loader, val_loader)
         module.learning_rate = learning_rate
@@ -497,8 +509,9 @@ def _find_learning_rate(trainer: L.Trainer, module, train_loader, val_loader) ->
     # factor of 1.8 to 1.9. Pass learning_rate= for runs that must be comparable.
     learning_rate = middle / LR_FINDER_DIVISOR
     logger.info(
-        "Learning-rate finder: lowest loss %.3f at %.3g, band %.3g-%.3g, training with %.3g",
-        losses[best], rates[best], band.min(), band.max(), learning_rate,
+        "Learning-rate finder: lowest loss %.3f at %.3g, band within %.0f%% of it %.3g-%.3g, training with %.3g "
+        "(the band's geometric middle / %g)",
+        losses[best], rates[best], 100 * LR_FINDER_BAND, band.min(), band.max(), learning_rate, LR_FINDER_DIVISOR,
     )
     return learning_rate
 

@@ -110,7 +110,7 @@ def test_lr_finder_value_used(blobs_parquet, tmp_path, monkeypatch):
         return optimizer
 
     monkeypatch.setattr(train.LinearClassifierModule, "configure_optimizers", record)
-    metrics = train_classifier(blobs_parquet, tmp_path / "model", max_epochs=3, batch_size=8)
+    metrics = train_classifier(blobs_parquet, tmp_path / "model", max_epochs=40, batch_size=8)
     info = json.loads((tmp_path / "model" / "model.json").read_text())
 
     assert len(used_rates) == 3  # the finder's sweep, the training, the refit on train + val
@@ -318,3 +318,11 @@ def test_holdout_split_never_trained_on(tmp_path):
     assert metrics["rows_held_out"] == held_out
     assert metrics["train_rows"] + metrics["val_rows"] == len(rows) - held_out
     assert metrics["split"] != "split column"
+
+
+def test_lr_finder_skipped_when_epochs_too_few(blobs_parquet, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train, "_find_learning_rate", lambda *args: pytest.fail("LR finder ran"))
+    with caplog.at_level("WARNING", logger="snakeclef.train"):
+        metrics = train_classifier(blobs_parquet, tmp_path / "model", max_epochs=2)
+    assert metrics["learning_rate"] == train.DEFAULT_LEARNING_RATE
+    assert "Skipped the learning-rate finder" in caplog.text
