@@ -227,12 +227,62 @@ def _raw_path(task: Stage, uri: str, *, is_file: bool = False) -> Path:
     return folder / uri.rstrip("/").rsplit("/", 1)[-1] if is_file else folder
 
 
+# Parameters that change how a stage runs but not what it writes.
+RUN_ONLY_PARAMS = frozenset({"output_root", "output", "batch_size", "device"})
+SETTINGS_DIR = "_settings"
+
+
+def _parameter_names(params_class: type) -> set[str]:
+    return {name for klass in params_class.__mro__ for name, value in vars(klass).items() if isinstance(value, luigi.Parameter)}
+
+
 class ChainedStage(Stage):
+    """A stage of the main job: it records the settings its output was made with and rejects a run with other ones.
+
+    Completeness goes by fixed paths under the output root, so without the
+    record a rerun with, say, another ``--feature`` would find ``model/``
+    complete and silently keep the old model.
+    """
+
+    # The parameter mixin (and extra names) whose values shape this stage's output; None records nothing.
+    settings_params: type | None = None
+    extra_settings: tuple[str, ...] = ()
+
     def upstream(self, task_class: type[luigi.Task], **overrides) -> luigi.Task:
         """Instantiate an upstream task with the parameters it shares with this one."""
         names = {name for name, _ in task_class.get_params()}
         kwargs = {name: value for name, value in self.param_kwargs.items() if name in names}
         return task_class(**{**kwargs, **overrides})
+
+    def settings(self) -> dict[str, str]:
+        """Return the parameters that shape this stage's output, as Luigi writes them on the command line."""
+        names = (_parameter_names(self.settings_params) | set(self.extra_settings)) - RUN_ONLY_PARAMS
+        return {name: value for name, value in self.to_str_params().items() if name in names}
+
+    def settings_uri(self) -> str:
+        return self.uri(SETTINGS_DIR, f"{self.task_family}.json")
+
+    def complete(self) -> bool:
+        if not super().complete():
+            return False
+        if self.settings_params is None or not self.output_root or not storage.exists(self.settings_uri()):
+            # Outputs written before settings were recorded are taken as they are.
+            return True
+        recorded = json.loads(storage.read_text(self.settings_uri()))
+        changed = {name: (recorded[name], value) for name, value in self.settings().items() if name in recorded and recorded[name] != value}
+        if changed:
+            differences = ", ".join(f"--{name.replace('_', '-')} {old!r} (now {new!r})" for name, (old, new) in changed.items())
+            raise ValueError(
+                f"The {self.task_family} output under {self.output_root} (marker {self.output().path}) was made with "
+                f"{differences}. Give a new --output-root for the new settings, or delete that output and the later "
+                "stages' outputs to recompute them."
+            )
+        return True
+
+    def on_success(self):
+        if self.settings_params is not None and self.output_root:
+            storage.write_text(self.settings_uri(), json.dumps(self.settings(), indent=1, sort_keys=True) + "\n")
+        return super().on_success()
 
 
 class Ingest(InputParams, ChainedStage):
@@ -242,6 +292,8 @@ class Ingest(InputParams, ChainedStage):
     or ``--archive`` (one or more .tar/.tar.gz) with ``--metadata``. gs://
     inputs are downloaded to ``raw/`` first.
     """
+
+    settings_params = InputParams
 
     output_root = luigi.Parameter(default="", description="Folder or gs:// URI that receives every stage's output.")
     output = luigi.Parameter(default="", description="Output folder for the image records; default OUTPUT_ROOT/images.")
@@ -292,6 +344,8 @@ class Ingest(InputParams, ChainedStage):
 class Embed(EmbedParams, ChainedStage):
     """``images/`` -> ``embeddings/``: [CLS] and DCT features per image, computed on Spark."""
 
+    settings_params = EmbedParams
+
     def requires(self):
         return self.upstream(Ingest)
 
@@ -319,6 +373,9 @@ class Embed(EmbedParams, ChainedStage):
 class Umap(EmbedParams, ChainedStage):
     """``embeddings/`` -> ``plots/umap_*.png`` and ``plots/separation.json``."""
 
+    settings_params = EmbedParams
+    extra_settings = ("species", "seed")
+
     species = PathListParameter(default=(), description="Binomial names to plot (comma-separated); default the built-in list.")
     seed = luigi.IntParameter(default=0, description="Seed for UMAP.")
 
@@ -340,6 +397,8 @@ class Umap(EmbedParams, ChainedStage):
 
 class Train(TrainParams, ChainedStage):
     """``embeddings/`` -> ``model/``: linear classifier, label map and backbone reference."""
+
+    settings_params = TrainParams
 
     def requires(self):
         return self.upstream(Embed)
@@ -365,6 +424,9 @@ class Train(TrainParams, ChainedStage):
 
 class EvalSet(PredictParams, ChainedStage):
     """``images/`` -> ``eval/``: the held-out split as image files, test metadata and ground truth."""
+
+    settings_params = InputParams
+    extra_settings = ("eval_split",)
 
     def requires(self):
         return self.upstream(Ingest)
@@ -394,6 +456,8 @@ def _venomous_list(task: Stage) -> Path | None:
 
 class Predict(PredictParams, ChainedStage):
     """``model/`` + ``eval/`` -> ``submission.csv`` through the offline predictor."""
+
+    settings_params = PredictParams
 
     def requires(self):
         return {"model": self.upstream(Train), "eval": self.upstream(EvalSet)}
@@ -437,6 +501,8 @@ def _local_file(task: Stage, uri: str) -> Path:
 
 class Evaluate(PredictParams, ChainedStage):
     """``submission.csv`` + ground truth -> ``metrics.json``, per-species scores and a confusion matrix."""
+
+    settings_params = PredictParams
 
     def requires(self):
         return {"submission": self.upstream(Predict), "eval": self.upstream(EvalSet)}

@@ -42,7 +42,7 @@ def add_broken_images(dataset) -> list[str]:
     return [truncated, not_an_image]
 
 
-def test_pipeline_tiny_backbone(spark, synthetic_dataset, tiny_backbone, tmp_path):
+def test_pipeline_tiny_backbone(spark, synthetic_dataset, tiny_backbone, tmp_path, caplog):
     broken = add_broken_images(synthetic_dataset)
     root = tmp_path / "run"
     params = dict(dataset=str(synthetic_dataset), backbone=str(tiny_backbone), output_root=str(root), partitions=4, batch_size=4)
@@ -77,6 +77,14 @@ def test_pipeline_tiny_backbone(spark, synthetic_dataset, tiny_backbone, tmp_pat
     second = run_pipeline(**params)
     assert second.status == luigi.execution_summary.LuigiStatusCode.SUCCESS
     assert "ran successfully" not in second.summary_text
+    assert {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()} == mtimes
+
+    # Another setting on the same output root is rejected, not silently skipped over the old outputs.
+    settings = json.loads((root / "_settings" / "Predict.json").read_text())
+    assert settings["aggregate"] == "mode"
+    third = run_pipeline(**params, aggregate="mean")
+    assert third.status != luigi.execution_summary.LuigiStatusCode.SUCCESS
+    assert "--aggregate 'mode' (now 'mean')" in third.summary_text or "--aggregate 'mode' (now 'mean')" in caplog.text
     assert {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()} == mtimes
 
 
