@@ -388,7 +388,7 @@ def train_classifier(
             "train_seconds": round(time.perf_counter() - started, 2),
         }
         options = {
-            "learning_rate": fit["learning_rate"], "learning_rate_from_finder": learning_rate is None, "max_epochs": max_epochs,
+            "learning_rate": fit["learning_rate"], "learning_rate_from_finder": fit["learning_rate_from_finder"], "max_epochs": max_epochs,
             "batch_size": batch_size, "patience": patience, "seed": seed, "standardize": standardize, "imbalance": imbalance,
             "logit_adjustment_tau": logit_adjustment_tau if imbalance == "logit_adjustment" else None,
             "class_weight_beta": class_weight_beta if imbalance == "class_weights" else None,
@@ -464,7 +464,8 @@ def _fit(module, train_loader, val_loader, *, work_dir: Path, learning_rate: flo
                 LR_FINDER_STEPS, max_epochs, len(train_loader), max_epochs * len(train_loader), DEFAULT_LEARNING_RATE,
             )
             learning_rate = DEFAULT_LEARNING_RATE
-        if learning_rate is None:
+        from_finder = learning_rate is None
+        if from_finder:
             learning_rate = _find_learning_rate(trainer, module, train_loader, val_loader)
         module.learning_rate = learning_rate
         trainer.fit(module, train_loader, val_loader)
@@ -473,7 +474,7 @@ def _fit(module, train_loader, val_loader, *, work_dir: Path, learning_rate: flo
     module.load_state_dict(best["state_dict"])
     logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
     best_epoch = int(best["epoch"])
-    metrics = {"learning_rate": learning_rate, "epochs": trainer.current_epoch, "best_epoch": best_epoch}
+    metrics = {"learning_rate": learning_rate, "learning_rate_from_finder": from_finder, "epochs": trainer.current_epoch, "best_epoch": best_epoch}
     metrics.update(_epoch_metrics(work_dir / "training_log" / "metrics.csv", best_epoch) or logged)
     return metrics
 

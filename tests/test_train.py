@@ -326,3 +326,5 @@ def test_lr_finder_skipped_when_epochs_too_few(blobs_parquet, tmp_path, monkeypa
         metrics = train_classifier(blobs_parquet, tmp_path / "model", max_epochs=2)
     assert metrics["learning_rate"] == train.DEFAULT_LEARNING_RATE
     assert "Skipped the learning-rate finder" in caplog.text
+    info = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert info["options"]["learning_rate_from_finder"] is False
