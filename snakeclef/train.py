@@ -79,7 +79,8 @@ def read_embeddings(embeddings_path: str | os.PathLike, *, feature: str = "cls_l
     if missing:
         raise ValueError(
             f"Embeddings Parquet {path} lacks columns {sorted(missing)}; it has {dataset.schema.names}. "
-            "Run the Embed stage again (older runs have no cls_last4), or choose a feature it has."
+            "Delete that folder and run the Embed stage again (runs from before cls_last4 existed lack it), "
+            "or choose a feature it has, such as --feature cls."
         )
     order_keys = [name for name in ("image_path", "observation_id") if name in dataset.schema.names]
     columns = [name for name in (feature, "class_id", "error", "split", *order_keys) if name in dataset.schema.names]

@@ -144,7 +144,7 @@ def test_read_missing_column(tmp_path):
     path = tmp_path / "embeddings"
     path.mkdir()
     pq.write_table(pa.table({"class_id": [1, 2]}), path / "part-0.parquet")
-    with pytest.raises(ValueError, match=r"lacks columns \['cls_last4'\].*Run the Embed stage again"):
+    with pytest.raises(ValueError, match=r"lacks columns \['cls_last4'\].*Delete that folder and run the Embed stage again"):
         read_embeddings(path)
 
 
