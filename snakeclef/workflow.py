@@ -329,16 +329,11 @@ class Ingest(InputParams, ChainedStage):
 
         with storage.local_staging(self.images_uri()) as staging:
             if self.dataset:
-                ingest.ingest_folder(_raw_path(self, self.dataset), staging, partitions=self.partitions)
+                ingest.ingest_folder(_raw_path(self, self.dataset), staging, partitions=self.partitions, destination=self.images_uri())
             else:
                 archives = [_raw_path(self, uri, is_file=True) for uri in self.archive]
                 metadata = _raw_path(self, self.metadata, is_file=True)
-                ingest.ingest_archives(archives, metadata, staging, partitions=self.partitions)
-            # The report names the folder it was written to, which is the staging copy until it is moved into place.
-            report_path = Path(staging) / ingest.REPORT_NAME
-            report = json.loads(report_path.read_text())
-            report["output"] = self.images_uri()
-            report_path.write_text(json.dumps(report, indent=2) + "\n")
+                ingest.ingest_archives(archives, metadata, staging, partitions=self.partitions, destination=self.images_uri())
 
 
 class Embed(EmbedParams, ChainedStage):

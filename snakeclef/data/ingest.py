@@ -51,11 +51,14 @@ def ingest_folder(
     *,
     index_name: str = "index.csv",
     partitions: int = 200,
+    destination: str | None = None,
 ) -> dict:
     """Write the images listed in ``<dataset_dir>/<index_name>`` as Parquet image records, in index order.
 
     Returns the ingest report. Does nothing and returns the existing report when
-    ``output_dir`` is already complete.
+    ``output_dir`` is already complete. ``destination`` is the report's
+    ``output`` when ``output_dir`` is a staging folder that will be moved or
+    uploaded there; default ``output_dir``.
     """
     dataset_dir = Path(storage.strip_file_scheme(dataset_dir))
     _check_partitions(partitions)
@@ -64,7 +67,10 @@ def ingest_folder(
         return done
     metadata = read_index(dataset_dir, index_name=index_name)
     source = {"kind": "folder", "dataset_dir": str(dataset_dir), "index": index_name}
-    return _publish(output_dir, metadata, source, partitions, lambda writer, report: _read_folder(dataset_dir, index_name, metadata, writer, report))
+    return _publish(
+        output_dir, metadata, source, partitions, lambda writer, report: _read_folder(dataset_dir, index_name, metadata, writer, report),
+        destination=destination,
+    )
 
 
 def ingest_archives(
@@ -73,6 +79,7 @@ def ingest_archives(
     output_dir: str | os.PathLike,
     *,
     partitions: int = 200,
+    destination: str | None = None,
 ) -> dict:
     """Stream the image members of tar archives (``.tar``, ``.tar.gz``, ``.tgz``) into Parquet image records.
 
@@ -81,6 +88,7 @@ def ingest_archives(
     the member name found in the metadata wins, and an exact-case match is
     preferred to one that ignores letter case. Rows follow archive order.
     Returns the ingest report; does nothing when ``output_dir`` is already complete.
+    ``destination`` is recorded as the report's ``output`` as in :func:`ingest_folder`.
     """
     if isinstance(archives, (str, os.PathLike)):
         archives = [archives]
@@ -96,7 +104,10 @@ def ingest_archives(
         return done
     metadata = read_metadata(metadata_csv)
     source = {"kind": "archives", "archives": [str(a) for a in archives], "metadata": str(metadata_csv)}
-    return _publish(output_dir, metadata, source, partitions, lambda writer, report: _read_archives(archives, metadata, writer, report))
+    return _publish(
+        output_dir, metadata, source, partitions, lambda writer, report: _read_archives(archives, metadata, writer, report),
+        destination=destination,
+    )
 
 
 class IngestReport:
@@ -292,7 +303,7 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _publish(output_dir, metadata: pd.DataFrame, source: dict, partitions: int, read) -> dict:
+def _publish(output_dir, metadata: pd.DataFrame, source: dict, partitions: int, read, *, destination: str | None = None) -> dict:
     """Run ``read(writer, report)`` into a temporary folder, add the report and ``_SUCCESS``, rename into place."""
     started = time.perf_counter()
     output_dir = Path(storage.strip_file_scheme(output_dir))
@@ -315,7 +326,7 @@ def _publish(output_dir, metadata: pd.DataFrame, source: dict, partitions: int, 
         writer.close()
         if report.counts["rows_written"] == 0:
             raise ValueError(f"ingest found no image with metadata in {_describe(source)}; nothing was written. Counts: {report.counts}")
-        summary = _summary(source, output_dir, report, writer, partitions, rows_per_part, time.perf_counter() - started)
+        summary = _summary(source, destination or output_dir, report, writer, partitions, rows_per_part, time.perf_counter() - started)
         (tmp / REPORT_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (tmp / SUCCESS_NAME).write_text("")
 
