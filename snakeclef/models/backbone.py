@@ -128,12 +128,6 @@ class Backbone:
         return _DTYPES[self.precision]
 
     @torch.inference_mode()
-    def last_hidden_state(self, pixel_values: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Run the model on ``(batch, 3, H, W)`` pixels; return ``(batch, 1 + n_patches, hidden)`` on the device."""
-        pixel_values = torch.as_tensor(pixel_values).to(self.device, dtype=self.dtype, non_blocking=True)
-        return self.model(pixel_values=pixel_values).last_hidden_state
-
-    @torch.inference_mode()
     def features(self, pixel_values: torch.Tensor | np.ndarray, *, dct_k: int) -> dict[str, np.ndarray]:
         """Return float32 ``cls`` ``(batch, hidden)``, ``cls_last4`` ``(batch, hidden * last_blocks)`` and ``dct`` ``(batch, dct_k**2)``.
 
