@@ -56,7 +56,10 @@ def mirrored_features(images: Path, image_paths: list[str], *, feature: str, bac
     extractor = FeatureExtractor(backbone, batch_size=batch_size)
     batch = extractor.embed([data[path] for path in image_paths], flipped=True)
     if not batch.ok.all():
-        raise ValueError(f"{int((~batch.ok).sum())} images failed to embed although their stored features are fine")
+        raise ValueError(
+            f"Failed to embed {int((~batch.ok).sum())} mirrored images whose stored features exist; "
+            "check that --backbone is the backbone the embeddings came from."
+        )
     return getattr(batch, f"{feature}_flipped")
 
 
